@@ -1,0 +1,231 @@
+//! Typed settings, read in layers: `config/default.toml` (compiled in, so the
+//! binary runs from any folder), an optional `--config FILE`, then `RECD_*`
+//! environment variables. Secrets (API keys, the database password) are typed
+//! so that printing the settings never shows them.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer};
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// What every subcommand is configured by.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub database_url: DatabaseUrl,
+    pub database_max_connections: u32,
+    #[serde(deserialize_with = "duration")]
+    pub database_acquire_timeout: Duration,
+    #[serde(deserialize_with = "api_keys")]
+    pub api_keys: Vec<ApiKey>,
+    pub log_format: LogFormat,
+    /// `None` when `0`: no automatic training at all.
+    #[serde(deserialize_with = "optional_duration")]
+    pub train_interval: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    pub request_timeout: Duration,
+    pub max_concurrent_requests: usize,
+    #[serde(deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Settings {
+    /// Defaults, then `file`, then the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Toml::string(DEFAULTS));
+        if let Some(file) = file {
+            if !file.exists() {
+                anyhow::bail!("config file {} does not exist", file.display());
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        // Values from the environment are taken as strings; the deserializers
+        // below parse numbers, durations and addresses themselves.
+        let settings = figment.merge(Env::prefixed("RECD_").ignore(&["config"])).extract()?;
+        Ok(settings)
+    }
+
+    /// The settings as the tests and the demo want them: defaults with a
+    /// given store, nothing read from the environment.
+    pub fn with_database(url: &str) -> anyhow::Result<Self> {
+        let settings = Figment::from(Toml::string(DEFAULTS))
+            .merge(("database_url", url))
+            .extract()?;
+        Ok(settings)
+    }
+}
+
+/// The store's URL; its password is masked when printed.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(pub String);
+
+impl DatabaseUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+/// `postgres://user:secret@host/db` -> `postgres://user:***@host/db`.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Read,
+    Write,
+    Admin,
+}
+
+impl Scope {
+    /// `admin` implies `write` and `read`; `write` does not imply `read`.
+    pub fn allows(self, needed: Scope) -> bool {
+        self == needed || self == Scope::Admin
+    }
+}
+
+/// One configured key. The key itself never prints.
+#[derive(Clone)]
+pub struct ApiKey {
+    pub scope: Scope,
+    pub key: String,
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}:***", self.scope)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Parses `scope:key,scope:key`.
+pub fn parse_api_keys(spec: &str) -> Result<Vec<ApiKey>, String> {
+    spec.split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(|part| {
+            let (scope, key) = part
+                .split_once(':')
+                .ok_or_else(|| "an API key must be written scope:key".to_owned())?;
+            let scope = match scope.trim() {
+                "read" => Scope::Read,
+                "write" => Scope::Write,
+                "admin" => Scope::Admin,
+                other => return Err(format!("unknown API key scope {other:?} (read, write, admin)")),
+            };
+            if key.is_empty() {
+                return Err("an API key may not be empty".to_owned());
+            }
+            Ok(ApiKey {
+                scope,
+                key: key.to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// Parses `10s`, `5m`, `1h`, `250ms`; a bare number is seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+fn api_keys<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ApiKey>, D::Error> {
+    let spec = String::deserialize(d)?;
+    parse_api_keys(&spec).map_err(serde::de::Error::custom)
+}
+
+/// Durations may come as strings or (from TOML or the environment) numbers of seconds.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawDuration {
+    Secs(u64),
+    Text(String),
+}
+
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    match RawDuration::deserialize(d)? {
+        RawDuration::Secs(s) => Ok(Duration::from_secs(s)),
+        RawDuration::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    let value = duration(d)?;
+    Ok((!value.is_zero()).then_some(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_parse_and_never_print() {
+        let keys = parse_api_keys("read:abc, admin:s3cret").unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[1].scope, Scope::Admin);
+        let printed = format!("{keys:?}");
+        assert!(!printed.contains("s3cret") && !printed.contains("abc"), "{printed}");
+        assert!(parse_api_keys("root:x").is_err());
+        assert!(parse_api_keys("read").is_err());
+    }
+
+    #[test]
+    fn database_password_is_masked() {
+        let url = DatabaseUrl("postgres://recd:hunter2@db:5432/recd".into());
+        assert_eq!(format!("{url:?}"), "postgres://recd:***@db:5432/recd");
+    }
+
+    #[test]
+    fn scopes() {
+        assert!(Scope::Admin.allows(Scope::Read));
+        assert!(Scope::Admin.allows(Scope::Write));
+        assert!(!Scope::Write.allows(Scope::Read));
+        assert!(!Scope::Read.allows(Scope::Write));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert!(parse_duration("soon").is_err());
+    }
+}

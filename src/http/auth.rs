@@ -1,0 +1,75 @@
+//! Bearer API keys with scopes. Keys are kept as SHA-256 digests and compared
+//! in constant time, so neither a key's bytes nor its length leak through
+//! timing.
+
+use axum::extract::{Request, State};
+use axum::http::{header, Method};
+use axum::middleware::Next;
+use axum::response::Response;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::config::{ApiKey, Scope};
+
+pub(super) struct Keys(Vec<(Scope, [u8; 32])>);
+
+impl Keys {
+    pub(super) fn new(keys: &[ApiKey]) -> Self {
+        Keys(keys.iter().map(|k| (k.scope, digest(&k.key))).collect())
+    }
+
+    /// The scope of the key, if it is one of ours.
+    fn scope_of(&self, presented: &str) -> Option<Scope> {
+        let presented = digest(presented);
+        // Every key is compared, so the time does not say which matched.
+        let mut found = None;
+        for (scope, key) in &self.0 {
+            if bool::from(key.ct_eq(&presented)) {
+                found = Some(found.map_or(*scope, |s: Scope| s.max(*scope)));
+            }
+        }
+        found
+    }
+}
+
+fn digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// What each route needs: reads need `read`; erasing a user and starting a
+/// training need `admin`; every other write needs `write`.
+fn needed_scope(method: &Method, path: &str) -> (Scope, &'static str) {
+    if *method == Method::GET || *method == Method::HEAD {
+        (Scope::Read, "read")
+    } else if path.starts_with("/v1/users/") || path.starts_with("/v1/model") {
+        (Scope::Admin, "do admin operations")
+    } else {
+        (Scope::Write, "write")
+    }
+}
+
+pub(super) async fn require_scope(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    if state.keys.0.is_empty() {
+        // No keys configured: `serve` only listens on loopback then.
+        return Ok(next.run(request).await);
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or(ApiError::Unauthorized)?;
+    let scope = state.keys.scope_of(presented).ok_or(ApiError::Unauthorized)?;
+    let (needed, action) = needed_scope(request.method(), request.uri().path());
+    if !scope.allows(needed) {
+        return Err(ApiError::Forbidden(action));
+    }
+    Ok(next.run(request).await)
+}

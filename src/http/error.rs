@@ -1,0 +1,190 @@
+//! One error type for every handler, and the one table that turns each kind
+//! into a status and an RFC 9457 problem. 5xx details go to the log, never to
+//! the client.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::ingest::FieldError;
+use crate::store::StoreError;
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// A field error, with the index of the array element it belongs to.
+#[derive(Debug, Clone, Serialize)]
+pub struct Invalid {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    pub field: String,
+    pub message: String,
+}
+
+impl Invalid {
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        Invalid {
+            index: None,
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+
+    pub fn at(index: usize, e: FieldError) -> Self {
+        Invalid {
+            index: Some(index),
+            field: e.field,
+            message: e.message,
+        }
+    }
+}
+
+impl From<FieldError> for Invalid {
+    fn from(e: FieldError) -> Self {
+        Invalid::new(&e.field, e.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("a valid API key is required")]
+    Unauthorized,
+    #[error("this API key may not {0}")]
+    Forbidden(&'static str),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("the request body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("{detail}")]
+    Invalid { detail: String, errors: Vec<Invalid> },
+    #[error("the server is busy; retry shortly")]
+    Overloaded,
+    #[error("the store is unavailable; retry shortly")]
+    Unavailable,
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+impl ApiError {
+    /// 422 naming one field.
+    pub fn field(field: &str, message: impl Into<String>) -> Self {
+        let message = message.into();
+        ApiError::Invalid {
+            detail: format!("{field}: {message}"),
+            errors: vec![Invalid::new(field, message)],
+        }
+    }
+
+    pub fn invalid(errors: Vec<Invalid>) -> Self {
+        let detail = match errors.as_slice() {
+            [one] => format!("{}: {}", one.field, one.message),
+            _ => format!("{} fields are invalid", errors.len()),
+        };
+        ApiError::Invalid { detail, errors }
+    }
+
+    /// The table: status, problem type slug, title, and Retry-After.
+    fn parts(&self) -> (StatusCode, &'static str, &'static str, Option<u32>) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "malformed-request", "Malformed request", None),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", None),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Forbidden", None),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found", None),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict", None),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-large", "Payload too large", None),
+            ApiError::Invalid { .. } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid-fields",
+                "Invalid fields",
+                None,
+            ),
+            ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", "Overloaded", Some(1)),
+            ApiError::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store-unavailable",
+                "Store unavailable",
+                Some(2),
+            ),
+            ApiError::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "Internal server error",
+                None,
+            ),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        let kind = match &e {
+            StoreError::Unavailable(_) => "unavailable",
+            _ => "other",
+        };
+        metrics::counter!("recd_store_errors_total", "kind" => kind).increment(1);
+        match e {
+            StoreError::Unavailable(e) => {
+                tracing::warn!(error = %e, "store unavailable");
+                ApiError::Unavailable
+            }
+            other => ApiError::Internal(other.into()),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Problem<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    title: &'a str,
+    status: u16,
+    detail: String,
+    #[serde(skip_serializing_if = "<[Invalid]>::is_empty")]
+    errors: &'a [Invalid],
+}
+
+/// A problem+json response, also used for statuses that come from the
+/// middleware (404 without a route, 405, 408, 413, 415).
+pub fn problem(status: StatusCode, slug: &str, title: &str, detail: String, errors: &[Invalid]) -> Response {
+    let body = Problem {
+        kind: format!("urn:recd:problem:{slug}"),
+        title,
+        status: status.as_u16(),
+        detail,
+        errors,
+    };
+    let json = serde_json::to_vec(&body).unwrap_or_default();
+    (
+        status,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON))],
+        json,
+    )
+        .into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, slug, title, retry_after) = self.parts();
+        let detail = match &self {
+            ApiError::Internal(e) => {
+                tracing::error!(error = ?e, "internal error");
+                "internal error; see the server log".to_owned()
+            }
+            other => other.to_string(),
+        };
+        let errors = match &self {
+            ApiError::Invalid { errors, .. } => errors.as_slice(),
+            _ => &[],
+        };
+        let mut response = problem(status, slug, title, detail, errors);
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}

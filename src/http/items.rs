@@ -1,0 +1,189 @@
+//! The catalogue: `PUT/GET/DELETE /v1/items/{item_id}` and bulk `POST /v1/items`.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+
+use super::error::{ApiError, Invalid};
+use super::events::{read_body, MAX_BATCH};
+use super::{now_ms, parse_json, ApiResult, AppState};
+use crate::ingest::{check_id, FieldError};
+use crate::store::Item;
+
+pub(super) fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/items", post(put_many))
+        .route("/v1/items/{item_id}", get(get_one).put(put_one).delete(delete_one))
+}
+
+const MAX_TITLE_CHARS: usize = 1000;
+const MAX_CATEGORIES: usize = 100;
+const FIELDS: [&str; 6] = ["item_id", "title", "categories", "price", "available", "attributes"];
+
+/// Validates an item body; absent fields take their defaults.
+pub fn parse_item(item_id: &str, body: &Value) -> Result<Item, Vec<FieldError>> {
+    let Some(obj) = body.as_object() else {
+        return Err(vec![FieldError::new("item", "must be a JSON object")]);
+    };
+    let mut errors = Vec::new();
+    if let Err(e) = check_id("item_id", item_id) {
+        errors.push(e);
+    }
+    for key in obj.keys().filter(|k| !FIELDS.contains(&k.as_str())) {
+        errors.push(FieldError::new(
+            key,
+            "unknown field; an item has title, categories, price, available, attributes",
+        ));
+    }
+    let title = match obj.get("title") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) if t.chars().count() <= MAX_TITLE_CHARS => Some(t.clone()),
+        Some(Value::String(_)) => {
+            errors.push(FieldError::new(
+                "title",
+                format!("must be at most {MAX_TITLE_CHARS} characters"),
+            ));
+            None
+        }
+        Some(_) => {
+            errors.push(FieldError::new("title", "must be a string"));
+            None
+        }
+    };
+    let categories = match obj.get("categories") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) if list.len() <= MAX_CATEGORIES => {
+            let mut categories = Vec::with_capacity(list.len());
+            for c in list {
+                match c.as_str().map(|c| (c, check_id("categories", c))) {
+                    Some((c, Ok(()))) => categories.push(c.to_owned()),
+                    Some((_, Err(e))) => errors.push(e),
+                    None => errors.push(FieldError::new("categories", "must be an array of strings")),
+                }
+            }
+            categories
+        }
+        Some(_) => {
+            errors.push(FieldError::new(
+                "categories",
+                format!("must be an array of at most {MAX_CATEGORIES} strings"),
+            ));
+            Vec::new()
+        }
+    };
+    let price = match obj.get("price") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(p) if p >= 0.0 && p.is_finite() => Some(p),
+            _ => {
+                errors.push(FieldError::new("price", "must not be negative"));
+                None
+            }
+        },
+        Some(_) => {
+            errors.push(FieldError::new("price", "must be a number"));
+            None
+        }
+    };
+    let available = match obj.get("available") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            errors.push(FieldError::new("available", "must be true or false"));
+            true
+        }
+    };
+    let attributes = match obj.get("attributes") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(map)) => map.clone(),
+        Some(_) => {
+            errors.push(FieldError::new("attributes", "must be a JSON object"));
+            Map::new()
+        }
+    };
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Item {
+        item_id: item_id.to_owned(),
+        title,
+        categories,
+        price,
+        available,
+        attributes,
+    })
+}
+
+async fn put_one(
+    State(state): State<AppState>,
+    Path(item_id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<Json<Item>> {
+    let body: Value = parse_json(&read_body(body)?)?;
+    let item = parse_item(&item_id, &body)
+        .map_err(|errors| ApiError::invalid(errors.into_iter().map(Invalid::from).collect()))?;
+    state.store.put_items(std::slice::from_ref(&item), now_ms()).await?;
+    Ok(Json(item))
+}
+
+async fn put_many(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<Value>> {
+    let body: Value = parse_json(&read_body(body)?)?;
+    let Some(Value::Array(raw)) = body.get("items") else {
+        return Err(ApiError::BadRequest(
+            "the body must be an object with an \"items\" array".to_owned(),
+        ));
+    };
+    if raw.is_empty() || raw.len() > MAX_BATCH {
+        return Err(ApiError::field(
+            "items",
+            format!("must hold 1 to {MAX_BATCH} items, got {}", raw.len()),
+        ));
+    }
+    let mut items = Vec::with_capacity(raw.len());
+    let mut errors = Vec::new();
+    for (index, raw) in raw.iter().enumerate() {
+        let item_id = match raw.get("item_id") {
+            Some(Value::String(id)) => id.as_str(),
+            Some(_) => {
+                errors.push(Invalid::at(index, FieldError::new("item_id", "must be a string")));
+                continue;
+            }
+            None => {
+                errors.push(Invalid::at(index, FieldError::new("item_id", "is required")));
+                continue;
+            }
+        };
+        match parse_item(item_id, raw) {
+            Ok(item) => items.push(item),
+            Err(errs) => errors.extend(errs.into_iter().map(|e| Invalid::at(index, e))),
+        }
+    }
+    // A catalogue sync is all or nothing: a half-applied one is harder to
+    // reason about than a clear 422.
+    if !errors.is_empty() {
+        return Err(ApiError::invalid(errors));
+    }
+    state.store.put_items(&items, now_ms()).await?;
+    Ok(Json(json!({ "items": items })))
+}
+
+async fn get_one(State(state): State<AppState>, Path(item_id): Path<String>) -> ApiResult<Json<Item>> {
+    state
+        .store
+        .get_item(&item_id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no item {item_id:?}")))
+}
+
+async fn delete_one(State(state): State<AppState>, Path(item_id): Path<String>) -> ApiResult<StatusCode> {
+    if state.store.delete_item(&item_id, now_ms()).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound(format!("no item {item_id:?}")))
+    }
+}

@@ -1,0 +1,340 @@
+//! What an event is, and the one validation both `POST /v1/events` and
+//! `recd import` run, so that the API and the importer accept the same rows.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// Events may be at most this far in the future (clock skew of collectors).
+pub const MAX_FUTURE_MS: i64 = 5 * 60 * 1000;
+/// Ids are 1 to 128 printable characters.
+pub const MAX_ID_CHARS: usize = 128;
+
+/// The event types, in the order of their stored number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventType {
+    View = 0,
+    Click = 1,
+    Like = 2,
+    AddToCart = 3,
+    RemoveFromCart = 4,
+    Purchase = 5,
+    Rating = 6,
+}
+
+impl EventType {
+    pub const ALL: [EventType; 7] = [
+        EventType::View,
+        EventType::Click,
+        EventType::Like,
+        EventType::AddToCart,
+        EventType::RemoveFromCart,
+        EventType::Purchase,
+        EventType::Rating,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            EventType::View => "view",
+            EventType::Click => "click",
+            EventType::Like => "like",
+            EventType::AddToCart => "add_to_cart",
+            EventType::RemoveFromCart => "remove_from_cart",
+            EventType::Purchase => "purchase",
+            EventType::Rating => "rating",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    pub fn from_code(code: i64) -> Option<Self> {
+        usize::try_from(code).ok().and_then(|i| Self::ALL.get(i).copied())
+    }
+
+    pub fn code(self) -> i16 {
+        self as i16
+    }
+}
+
+/// A validated event, ready to be stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    pub event_id: Option<String>,
+    pub user_id: String,
+    pub item_id: String,
+    pub kind: EventType,
+    pub value: Option<f64>,
+    /// Milliseconds since the epoch, UTC.
+    pub ts: i64,
+    pub session_id: Option<String>,
+    pub recommendation_id: Option<String>,
+}
+
+/// One reason an event (or item) was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        FieldError {
+            field: field.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Checks an id chosen by the shop: 1 to 128 printable characters.
+pub fn check_id(field: &str, id: &str) -> Result<(), FieldError> {
+    let chars = id.chars().count();
+    if chars == 0 {
+        return Err(FieldError::new(field, "must not be empty"));
+    }
+    if chars > MAX_ID_CHARS {
+        return Err(FieldError::new(
+            field,
+            format!("must be at most {MAX_ID_CHARS} characters, got {chars}"),
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(FieldError::new(field, "must be printable characters only"));
+    }
+    Ok(())
+}
+
+/// Validates one event of a `POST /v1/events` body. `now_ms` is the
+/// server's clock: the default timestamp and the bound on future ones.
+pub fn validate_event(raw: &Value, now_ms: i64) -> Result<NewEvent, Vec<FieldError>> {
+    let Some(obj) = raw.as_object() else {
+        return Err(vec![FieldError::new("event", "must be a JSON object")]);
+    };
+    let mut errors = Vec::new();
+    let event_id = optional_id(obj, "event_id", &mut errors);
+    let user_id = required_id(obj, "user_id", &mut errors);
+    let item_id = required_id(obj, "item_id", &mut errors);
+    let session_id = optional_id(obj, "session_id", &mut errors);
+    let recommendation_id = optional_id(obj, "recommendation_id", &mut errors);
+
+    let kind = match obj.get("type") {
+        None | Some(Value::Null) => {
+            errors.push(FieldError::new("type", "is required"));
+            None
+        }
+        Some(Value::String(name)) => {
+            let kind = EventType::parse(name);
+            if kind.is_none() {
+                errors.push(FieldError::new(
+                    "type",
+                    format!(
+                        "unknown event type {name:?}; one of view, click, like, add_to_cart, remove_from_cart, purchase, rating"
+                    ),
+                ));
+            }
+            kind
+        }
+        Some(_) => {
+            errors.push(FieldError::new("type", "must be a string"));
+            None
+        }
+    };
+
+    let value = match obj.get("value") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => n.as_f64().filter(|v| v.is_finite()),
+        Some(_) => {
+            errors.push(FieldError::new("value", "must be a number"));
+            None
+        }
+    };
+    let ts = match obj.get("timestamp") {
+        None | Some(Value::Null) => Some(now_ms),
+        Some(Value::String(text)) => match parse_timestamp(text) {
+            Ok(ts) => Some(ts),
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        },
+        Some(_) => {
+            errors.push(FieldError::new("timestamp", "must be an RFC 3339 string"));
+            None
+        }
+    };
+    if let Some(ts) = ts {
+        if ts > now_ms + MAX_FUTURE_MS {
+            errors.push(FieldError::new(
+                "timestamp",
+                "must not be more than 5 minutes in the future",
+            ));
+        }
+    }
+    if let Some(kind) = kind {
+        if let Err(e) = check_value(kind, value, obj.contains_key("value")) {
+            errors.push(e);
+        }
+    }
+
+    match (errors.is_empty(), user_id, item_id, kind, ts) {
+        (true, Some(user_id), Some(item_id), Some(kind), Some(ts)) => Ok(NewEvent {
+            event_id,
+            user_id,
+            item_id,
+            kind,
+            value,
+            ts,
+            session_id,
+            recommendation_id,
+        }),
+        _ => Err(errors),
+    }
+}
+
+/// Ratings need a value from 1 to 5; a purchase's amount may not be negative.
+pub fn check_value(kind: EventType, value: Option<f64>, present: bool) -> Result<(), FieldError> {
+    match (kind, value) {
+        (EventType::Rating, None) if present => Err(FieldError::new("value", "must be a finite number")),
+        (EventType::Rating, None) => Err(FieldError::new("value", "is required for a rating (1 to 5)")),
+        (EventType::Rating, Some(v)) if !(1.0..=5.0).contains(&v) => Err(FieldError::new(
+            "value",
+            format!("a rating must be from 1 to 5, got {v}"),
+        )),
+        (EventType::Purchase, Some(v)) if v < 0.0 => {
+            Err(FieldError::new("value", "a purchase amount may not be negative"))
+        }
+        (_, None) if present => Err(FieldError::new("value", "must be a finite number")),
+        _ => Ok(()),
+    }
+}
+
+/// RFC 3339 to milliseconds since the epoch.
+pub fn parse_timestamp(text: &str) -> Result<i64, FieldError> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc).timestamp_millis())
+        .map_err(|e| FieldError::new("timestamp", format!("not an RFC 3339 timestamp: {e}")))
+}
+
+/// Milliseconds since the epoch to RFC 3339 (UTC, millisecond precision).
+pub fn format_timestamp(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The id `recd import` gives a row that has none: a hash of its fields, so
+/// that importing the same file twice stores nothing twice.
+pub fn derived_event_id(event: &NewEvent) -> String {
+    let mut hasher = Sha256::new();
+    for part in [
+        event.user_id.as_str(),
+        event.item_id.as_str(),
+        event.kind.name(),
+        &event.value.map(|v| v.to_string()).unwrap_or_default(),
+        &event.ts.to_string(),
+    ] {
+        hasher.update(part.as_bytes());
+        hasher.update([0u8]);
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("import-{hex}")
+}
+
+fn required_id(obj: &Map<String, Value>, field: &str, errors: &mut Vec<FieldError>) -> Option<String> {
+    match obj.get(field) {
+        None | Some(Value::Null) => {
+            errors.push(FieldError::new(field, "is required"));
+            None
+        }
+        Some(value) => string_id(field, value, errors),
+    }
+}
+
+fn optional_id(obj: &Map<String, Value>, field: &str, errors: &mut Vec<FieldError>) -> Option<String> {
+    match obj.get(field) {
+        None | Some(Value::Null) => None,
+        Some(value) => string_id(field, value, errors),
+    }
+}
+
+fn string_id(field: &str, value: &Value, errors: &mut Vec<FieldError>) -> Option<String> {
+    let Value::String(id) = value else {
+        errors.push(FieldError::new(field, "must be a string"));
+        return None;
+    };
+    match check_id(field, id) {
+        Ok(()) => Some(id.clone()),
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    #[test]
+    fn a_full_event_validates() {
+        let e = validate_event(
+            &json!({"event_id": "e1", "user_id": "u", "item_id": "i", "type": "purchase",
+                    "value": 9.5, "timestamp": "2023-11-14T22:13:20Z", "session_id": "s"}),
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(e.kind, EventType::Purchase);
+        assert_eq!(e.ts, NOW);
+        assert_eq!(e.value, Some(9.5));
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let errors = validate_event(&json!({"user_id": 5, "type": "buy", "timestamp": "yesterday"}), NOW).unwrap_err();
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["user_id", "item_id", "type", "timestamp"]);
+    }
+
+    #[test]
+    fn ratings_and_future() {
+        let rating = |v: Value| {
+            validate_event(
+                &json!({"user_id": "u", "item_id": "i", "type": "rating", "value": v}),
+                NOW,
+            )
+        };
+        assert!(rating(json!(3)).is_ok());
+        assert_eq!(rating(json!(6)).unwrap_err()[0].field, "value");
+        assert_eq!(rating(Value::Null).unwrap_err()[0].field, "value");
+        let future = validate_event(
+            &json!({"user_id": "u", "item_id": "i", "type": "view", "timestamp": "2099-01-01T00:00:00Z"}),
+            NOW,
+        );
+        assert_eq!(future.unwrap_err()[0].field, "timestamp");
+    }
+
+    #[test]
+    fn ids_are_bounded_and_printable() {
+        assert!(check_id("user_id", &"x".repeat(128)).is_ok());
+        assert!(check_id("user_id", &"x".repeat(129)).is_err());
+        assert!(check_id("user_id", "a\nb").is_err());
+        assert!(check_id("user_id", "").is_err());
+    }
+
+    #[test]
+    fn derived_ids_are_stable() {
+        let e = validate_event(&json!({"user_id": "u", "item_id": "i", "type": "view"}), NOW).unwrap();
+        assert_eq!(derived_event_id(&e), derived_event_id(&e.clone()));
+        let mut other = e.clone();
+        other.ts += 1;
+        assert_ne!(derived_event_id(&e), derived_event_id(&other));
+    }
+}

@@ -1,0 +1,75 @@
+//! The `recd` command line: serve | import | migrate.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use recd::config::Settings;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "recd", version, about = "An online recommendation service for web shops")]
+struct Cli {
+    /// A settings file layered over config/default.toml (RECD_* variables win).
+    #[arg(long, global = true, env = "RECD_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API.
+    Serve {
+        /// Seed an empty store with a generated demo shop.
+        #[arg(long)]
+        demo: bool,
+    },
+    /// Import events (and items) from CSV files into the store.
+    Import {
+        /// events.csv: user_id,item_id,type,value,timestamp
+        #[arg(long)]
+        events: Option<PathBuf>,
+        /// items.csv: item_id,title,category,categories
+        #[arg(long)]
+        items: Option<PathBuf>,
+    },
+    /// Create the store if needed and apply the migrations.
+    Migrate,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let settings = Settings::load(cli.config.as_deref())?;
+    recd::telemetry::init_logging(settings.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve { demo } => recd::server::run(settings, demo).await,
+            Command::Import { events, items } => {
+                anyhow::ensure!(
+                    events.is_some() || items.is_some(),
+                    "give --events FILE and/or --items FILE"
+                );
+                let store = recd::server::open_store_waiting(&settings).await?;
+                if let Some(path) = items {
+                    let report = recd::import::import_items(&store, &path).await?;
+                    println!("items: {}", serde_json::to_string(&report)?);
+                }
+                if let Some(path) = events {
+                    let report = recd::import::import_events(&store, &path).await?;
+                    println!("events: {}", serde_json::to_string(&report)?);
+                }
+                store.close().await;
+                Ok(())
+            }
+            Command::Migrate => {
+                let store = recd::server::open_store_waiting(&settings).await?;
+                store.close().await;
+                tracing::info!(store = %settings.database_url, "migrated");
+                Ok(())
+            }
+        }
+    })
+}

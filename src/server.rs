@@ -1,0 +1,84 @@
+//! `recd serve`: open the store (waiting for it), seed the demo if asked,
+//! bind, serve until SIGTERM or ctrl-c.
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::Settings;
+use crate::http::{self, AppState};
+use crate::store::{Store, StoreOptions};
+
+pub fn store_options(settings: &Settings) -> StoreOptions {
+    StoreOptions {
+        max_connections: settings.database_max_connections,
+        acquire_timeout: settings.database_acquire_timeout,
+    }
+}
+
+/// Opens the store, retrying while it does not answer: the port is bound
+/// only once it does.
+pub async fn open_store_waiting(settings: &Settings) -> anyhow::Result<Store> {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match Store::open(settings.database_url.expose(), &store_options(settings)).await {
+            Ok(store) => return Ok(store),
+            Err(crate::store::StoreError::Unavailable(e)) => {
+                tracing::warn!(error = %e, url = %settings.database_url, "store not reachable yet; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e).with_context(|| format!("cannot open the store at {}", settings.database_url)),
+        }
+    }
+}
+
+/// Without API keys, anyone who can reach the port can read and write: only
+/// a loopback address is allowed then.
+pub fn check_listen_address(settings: &Settings) -> anyhow::Result<()> {
+    if settings.api_keys.is_empty() && !settings.listen.ip().is_loopback() {
+        anyhow::bail!(
+            "refusing to listen on {} without API keys: set RECD_API_KEYS (scope:key,...) or listen on a loopback address",
+            settings.listen
+        );
+    }
+    Ok(())
+}
+
+/// Seeds an empty store with the demo shop.
+pub async fn seed_demo(store: &Store) -> anyhow::Result<()> {
+    if store.count_events().await? > 0 {
+        tracing::info!("the store has events already; not seeding the demo");
+        return Ok(());
+    }
+    let now = http::now_ms();
+    let shop = crate::demo::generate(crate::demo::DemoSize::default(), now);
+    store.put_items(&shop.items, now).await?;
+    for chunk in shop.events.chunks(1000) {
+        store.insert_events(chunk, now).await?;
+    }
+    tracing::info!(
+        items = shop.items.len(),
+        events = shop.events.len(),
+        "seeded the demo shop"
+    );
+    Ok(())
+}
+
+pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
+    check_listen_address(&settings)?;
+    tracing::info!(settings = ?settings, "starting recd");
+    let store = open_store_waiting(&settings).await?;
+    if demo {
+        seed_demo(&store).await?;
+    }
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    tracing::info!(address = %listener.local_addr()?, store = store.kind(), "listening");
+    let state = AppState::new(store.clone(), settings);
+    http::serve(listener, state, http::shutdown_signal()).await?;
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,371 @@
+//! The only code that speaks SQL. One `Store` enum over a Postgres or an
+//! SQLite pool, chosen by the URL; the statements are written once where the
+//! two dialects agree (both accept `$n` placeholders and `ON CONFLICT`) and
+//! apart where they do not (Postgres writes batches set-based with UNNEST).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{ConnectOptions, Connection, PgPool, Row, SqlitePool};
+
+use crate::ingest::NewEvent;
+
+static PG_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// Runs the same expression on whichever pool the store holds. The body is
+/// compiled once per database, so the SQL in it must suit both.
+macro_rules! on_pool {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match $store {
+            Store::Postgres($pool) => $body,
+            Store::Sqlite($pool) => $body,
+        }
+    };
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store cannot be reached or has no connection free in time; the
+    /// caller may retry later (HTTP 503 with Retry-After).
+    #[error("store unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("store error: {0}")]
+    Other(#[source] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("invalid database URL {0:?}: expected sqlite://PATH or postgres://...")]
+    BadUrl(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        if is_unavailable(&e) {
+            StoreError::Unavailable(e)
+        } else {
+            StoreError::Other(e)
+        }
+    }
+}
+
+/// Errors that say "not now" rather than "never": connection trouble, pool
+/// exhaustion, a Postgres shutting down, an SQLite file locked too long.
+fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // Postgres class 08 (connection), 57P0x (shutdown), 53xxx
+            // (resources); SQLite 5 (BUSY) and 6 (LOCKED).
+            code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") || code == "5" || code == "6"
+        }
+        _ => false,
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A catalogue item as stored and served.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Item {
+    pub item_id: String,
+    pub title: Option<String>,
+    pub categories: Vec<String>,
+    pub price: Option<f64>,
+    pub available: bool,
+    pub attributes: Map<String, Value>,
+}
+
+/// Pool figures for `/metrics`.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolStats {
+    pub size: u32,
+    pub idle: usize,
+    pub max: u32,
+}
+
+#[derive(Clone, Debug)]
+pub enum Store {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// How to open the store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_connections: 16,
+            acquire_timeout: Duration::from_millis(1500),
+        }
+    }
+}
+
+impl Store {
+    /// Opens the store named by `url`, creating it (an SQLite file and its
+    /// folder, or a Postgres database) when missing, and migrates it.
+    pub async fn open(url: &str, options: &StoreOptions) -> Result<Store> {
+        let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Store::Postgres(open_postgres(url, options).await?)
+        } else if url.starts_with("sqlite:") {
+            Store::Sqlite(open_sqlite(url, options).await?)
+        } else {
+            return Err(StoreError::BadUrl(url.to_owned()));
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        match self {
+            Store::Postgres(pool) => PG_MIGRATIONS.run(pool).await?,
+            Store::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await?,
+        }
+        Ok(())
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Postgres(_) => "postgres",
+            Store::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Answers when the store does.
+    pub async fn ping(&self) -> Result<()> {
+        on_pool!(self, pool => sqlx::query("SELECT 1").execute(pool).await.map(drop))?;
+        Ok(())
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        on_pool!(self, pool => PoolStats {
+            size: pool.size(),
+            idle: pool.num_idle(),
+            max: pool.options().get_max_connections(),
+        })
+    }
+
+    pub async fn close(&self) {
+        on_pool!(self, pool => pool.close().await)
+    }
+
+    /// Stores a batch of valid events in one transaction and returns how many
+    /// were new; the rest had an `event_id` stored before (or earlier in the
+    /// batch). Items the events name are added to the catalogue if missing.
+    /// Returns only once the rows are committed.
+    pub async fn insert_events(&self, events: &[NewEvent], now_ms: i64) -> Result<u64> {
+        if events.is_empty() {
+            return Ok(0);
+        }
+        // Sorted so that concurrent batches lock items in one order.
+        let mut item_ids: Vec<&str> = events.iter().map(|e| e.item_id.as_str()).collect();
+        item_ids.sort_unstable();
+        item_ids.dedup();
+        match self {
+            Store::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                let inserted = sqlx::query(
+                    "INSERT INTO events (event_id, user_id, item_id, kind, value, ts, session_id, recommendation_id, received_at)
+                     SELECT e.*, $9 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int2[], $5::float8[], $6::int8[], $7::text[], $8::text[]) AS e
+                     ON CONFLICT (event_id) DO NOTHING",
+                )
+                .bind(events.iter().map(|e| e.event_id.as_deref()).collect::<Vec<_>>())
+                .bind(events.iter().map(|e| e.user_id.as_str()).collect::<Vec<_>>())
+                .bind(events.iter().map(|e| e.item_id.as_str()).collect::<Vec<_>>())
+                .bind(events.iter().map(|e| e.kind.code()).collect::<Vec<_>>())
+                .bind(events.iter().map(|e| e.value).collect::<Vec<_>>())
+                .bind(events.iter().map(|e| e.ts).collect::<Vec<_>>())
+                .bind(events.iter().map(|e| e.session_id.as_deref()).collect::<Vec<_>>())
+                .bind(events.iter().map(|e| e.recommendation_id.as_deref()).collect::<Vec<_>>())
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                sqlx::query(
+                    "INSERT INTO items (item_id, updated_at) SELECT id, $2 FROM UNNEST($1::text[]) AS id
+                     ON CONFLICT (item_id) DO NOTHING",
+                )
+                .bind(&item_ids)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(inserted)
+            }
+            Store::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                let mut inserted = 0;
+                for e in events {
+                    inserted += sqlx::query(
+                        "INSERT INTO events (event_id, user_id, item_id, kind, value, ts, session_id, recommendation_id, received_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (event_id) DO NOTHING",
+                    )
+                    .bind(e.event_id.as_deref())
+                    .bind(&e.user_id)
+                    .bind(&e.item_id)
+                    .bind(e.kind.code())
+                    .bind(e.value)
+                    .bind(e.ts)
+                    .bind(e.session_id.as_deref())
+                    .bind(e.recommendation_id.as_deref())
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                }
+                for id in item_ids {
+                    sqlx::query(
+                        "INSERT INTO items (item_id, updated_at) VALUES ($1, $2) ON CONFLICT (item_id) DO NOTHING",
+                    )
+                    .bind(id)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(inserted)
+            }
+        }
+    }
+
+    /// Creates or replaces items (and brings deleted ones back).
+    pub async fn put_items(&self, items: &[Item], now_ms: i64) -> Result<()> {
+        const UPSERT: &str =
+            "INSERT INTO items (item_id, title, categories, price, available, attributes, deleted, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, FALSE, $7)
+             ON CONFLICT (item_id) DO UPDATE SET title = excluded.title, categories = excluded.categories,
+               price = excluded.price, available = excluded.available, attributes = excluded.attributes,
+               deleted = FALSE, updated_at = excluded.updated_at";
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            for item in items {
+                sqlx::query(UPSERT)
+                    .bind(&item.item_id)
+                    .bind(item.title.as_deref())
+                    .bind(Value::from(item.categories.clone()).to_string())
+                    .bind(item.price)
+                    .bind(item.available)
+                    .bind(Value::Object(item.attributes.clone()).to_string())
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// The item, unless it was never seen or is deleted.
+    pub async fn get_item(&self, item_id: &str) -> Result<Option<Item>> {
+        const SELECT: &str = "SELECT item_id, title, categories, price, available, attributes
+             FROM items WHERE item_id = $1 AND NOT deleted";
+        let item = on_pool!(self, pool => {
+            sqlx::query(SELECT).bind(item_id).fetch_optional(pool).await?.map(|row| Item {
+                item_id: row.get("item_id"),
+                title: row.get("title"),
+                categories: serde_json::from_str(row.get::<&str, _>("categories")).unwrap_or_default(),
+                price: row.get("price"),
+                available: row.get("available"),
+                attributes: serde_json::from_str(row.get::<&str, _>("attributes")).unwrap_or_default(),
+            })
+        });
+        Ok(item)
+    }
+
+    /// Marks the item deleted; false if there was no such (live) item.
+    pub async fn delete_item(&self, item_id: &str, now_ms: i64) -> Result<bool> {
+        const DELETE: &str = "UPDATE items SET deleted = TRUE, updated_at = $2 WHERE item_id = $1 AND NOT deleted";
+        let n =
+            on_pool!(self, pool => sqlx::query(DELETE).bind(item_id).bind(now_ms).execute(pool).await?.rows_affected());
+        Ok(n > 0)
+    }
+
+    /// Erases every event of the user; returns how many there were.
+    pub async fn delete_user(&self, user_id: &str) -> Result<u64> {
+        let n = on_pool!(self, pool => sqlx::query("DELETE FROM events WHERE user_id = $1")
+            .bind(user_id)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(n)
+    }
+
+    /// How many events the store holds.
+    pub async fn count_events(&self) -> Result<i64> {
+        let n = on_pool!(self, pool => sqlx::query_scalar("SELECT COUNT(*) FROM events").fetch_one(pool).await?);
+        Ok(n)
+    }
+}
+
+async fn open_postgres(url: &str, options: &StoreOptions) -> Result<PgPool> {
+    let connect = PgConnectOptions::from_str(url)?.log_statements(tracing::log::LevelFilter::Debug);
+    create_postgres_database(&connect).await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(options.max_connections)
+        .acquire_timeout(options.acquire_timeout)
+        .connect_with(connect)
+        .await?;
+    Ok(pool)
+}
+
+/// An empty server is fine: the database is created when it is missing.
+async fn create_postgres_database(connect: &PgConnectOptions) -> Result<()> {
+    let Some(name) = connect.get_database().map(str::to_owned) else {
+        return Ok(());
+    };
+    match connect.connect().await {
+        Ok(conn) => {
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000") => {
+            let admin = connect.clone().database("postgres");
+            let mut conn = admin.connect().await?;
+            let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+            let create = format!("CREATE DATABASE {quoted}");
+            let created = sqlx::query(&create).execute(&mut conn).await;
+            match created {
+                // Another process created it meanwhile.
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => Ok(()),
+                other => other.map(drop).map_err(StoreError::from),
+            }
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn open_sqlite(url: &str, options: &StoreOptions) -> Result<SqlitePool> {
+    let connect = SqliteConnectOptions::from_str(url)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // FULL: an acknowledged event survives a power cut, not only a crash.
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(options.acquire_timeout)
+        .foreign_keys(true);
+    let path = connect.get_filename();
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() && !parent.exists() {
+            std::fs::create_dir_all(parent).map_err(|e| StoreError::Other(sqlx::Error::Io(e)))?;
+        }
+    }
+    let pool = SqlitePoolOptions::new()
+        .max_connections(options.max_connections)
+        .acquire_timeout(options.acquire_timeout)
+        .connect_with(connect)
+        .await?;
+    Ok(pool)
+}

@@ -1,0 +1,11 @@
+//! Black-box tests of recd's HTTP API, each on SQLite and on Postgres.
+
+mod helpers;
+
+mod auth;
+mod events;
+mod items;
+mod ops;
+mod process;
+mod store_down;
+mod users;
