@@ -208,33 +208,34 @@ impl Store {
             }
             Store::Sqlite(pool) => {
                 let mut tx = pool.begin().await?;
+                // One multi-row statement per chunk: SQLite allows 32766
+                // parameters, 9 a row.
                 let mut inserted = 0;
-                for e in events {
-                    inserted += sqlx::query(
-                        "INSERT INTO events (event_id, user_id, item_id, kind, value, ts, session_id, recommendation_id, received_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (event_id) DO NOTHING",
-                    )
-                    .bind(e.event_id.as_deref())
-                    .bind(&e.user_id)
-                    .bind(&e.item_id)
-                    .bind(e.kind.code())
-                    .bind(e.value)
-                    .bind(e.ts)
-                    .bind(e.session_id.as_deref())
-                    .bind(e.recommendation_id.as_deref())
-                    .bind(now_ms)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
+                for chunk in events.chunks(1000) {
+                    let mut insert = sqlx::QueryBuilder::new(
+                        "INSERT INTO events (event_id, user_id, item_id, kind, value, ts, session_id, recommendation_id, received_at) ",
+                    );
+                    insert.push_values(chunk, |mut row, e| {
+                        row.push_bind(e.event_id.as_deref())
+                            .push_bind(&e.user_id)
+                            .push_bind(&e.item_id)
+                            .push_bind(e.kind.code())
+                            .push_bind(e.value)
+                            .push_bind(e.ts)
+                            .push_bind(e.session_id.as_deref())
+                            .push_bind(e.recommendation_id.as_deref())
+                            .push_bind(now_ms);
+                    });
+                    insert.push(" ON CONFLICT (event_id) DO NOTHING");
+                    inserted += insert.build().execute(&mut *tx).await?.rows_affected();
                 }
-                for id in item_ids {
-                    sqlx::query(
-                        "INSERT INTO items (item_id, updated_at) VALUES ($1, $2) ON CONFLICT (item_id) DO NOTHING",
-                    )
-                    .bind(id)
-                    .bind(now_ms)
-                    .execute(&mut *tx)
-                    .await?;
+                for ids in item_ids.chunks(1000) {
+                    let mut insert = sqlx::QueryBuilder::new("INSERT INTO items (item_id, updated_at) ");
+                    insert.push_values(ids, |mut row, id| {
+                        row.push_bind(*id).push_bind(now_ms);
+                    });
+                    insert.push(" ON CONFLICT (item_id) DO NOTHING");
+                    insert.build().execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
                 Ok(inserted)
