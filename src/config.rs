@@ -33,6 +33,9 @@ pub struct Settings {
     pub max_concurrent_requests: usize,
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// The model's training settings (`[train]`; `RECD_TRAIN__DIM=32` and so on).
+    #[serde(default)]
+    pub train: crate::model::TrainConfig,
 }
 
 impl Settings {
@@ -47,7 +50,9 @@ impl Settings {
         }
         // Values from the environment are taken as strings; the deserializers
         // below parse numbers, durations and addresses themselves.
-        let settings = figment.merge(Env::prefixed("RECD_").ignore(&["config"])).extract()?;
+        let settings = figment
+            .merge(Env::prefixed("RECD_").ignore(&["config"]).split("__"))
+            .extract()?;
         Ok(settings)
     }
 

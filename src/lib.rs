@@ -20,6 +20,7 @@ pub mod demo;
 pub mod http;
 pub mod import;
 pub mod ingest;
+pub mod model;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -1,4 +1,4 @@
-//! The `recd` command line: serve | import | migrate.
+//! The `recd` command line: serve | train | eval | import | migrate.
 
 use std::path::PathBuf;
 
@@ -37,12 +37,31 @@ enum Command {
     },
     /// Create the store if needed and apply the migrations.
     Migrate,
+    /// Train once on every event in the store and save the snapshot there.
+    Train,
+    /// Train on a CSV of events and print the held-out figures of the model
+    /// and of the popular and item-kNN baselines.
+    Eval {
+        /// events.csv: user_id,item_id,type,value,timestamp
+        #[arg(long)]
+        events: PathBuf,
+        /// items.csv (checked and counted; categories are not a model input).
+        #[arg(long)]
+        items: Option<PathBuf>,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let settings = Settings::load(cli.config.as_deref())?;
     recd::telemetry::init_logging(settings.log_format);
+    // Evaluation is CPU work from a file, with no store and no runtime.
+    if let Command::Eval { events, items, json } = &cli.command {
+        return recd::server::eval(&settings, events, items.as_deref(), *json);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
@@ -64,6 +83,8 @@ fn main() -> anyhow::Result<()> {
                 store.close().await;
                 Ok(())
             }
+            Command::Train => recd::server::train_once(&settings).await,
+            Command::Eval { .. } => Ok(()),
             Command::Migrate => {
                 let store = recd::server::open_store_waiting(&settings).await?;
                 store.close().await;

@@ -1,6 +1,8 @@
 //! `recd serve`: open the store (waiting for it), seed the demo if asked,
 //! bind, serve until SIGTERM or ctrl-c.
 
+use std::io::IsTerminal;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -82,3 +84,61 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
+
+/// `recd eval`: train on a CSV's leave-one-out split and print the figures.
+pub fn eval(settings: &Settings, events: &Path, items: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let progress = std::io::stderr().is_terminal();
+    if let Some(items) = items {
+        let count = csv::Reader::from_path(items)
+            .with_context(|| format!("cannot open {}", items.display()))?
+            .records()
+            .count();
+        tracing::info!(items = count, "catalogue file read (categories are not a model input)");
+    }
+    let spinner = if progress {
+        indicatif::ProgressBar::new_spinner()
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    spinner.set_message(format!("loading {}", events.display()));
+    spinner.enable_steady_tick(Duration::from_millis(120));
+    let rows = crate::model::load_events_csv(events)?;
+    spinner.finish_and_clear();
+    let report = crate::model::evaluate_events(rows, &settings.train, progress)?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+/// `recd train`: train once on the store's events and save the snapshot.
+pub async fn train_once(settings: &Settings) -> anyhow::Result<()> {
+    let store = open_store_waiting(settings).await?;
+    let rows = store.training_events().await?;
+    let config = settings.train.clone();
+    let progress = std::io::stderr().is_terminal();
+    let (snapshot, report) = tokio::task::spawn_blocking(move || {
+        let data = crate::model::Dataset::from_events(rows);
+        crate::model::train_and_evaluate(&data, &config, progress)
+    })
+    .await??;
+    let bytes = snapshot.to_bytes()?;
+    store
+        .save_snapshot(
+            &snapshot.meta.version,
+            chrono::Utc::now().timestamp_millis(),
+            &serde_json::to_string(&snapshot.meta)?,
+            &bytes,
+            SNAPSHOTS_KEPT,
+        )
+        .await?;
+    println!("{}", report.table());
+    println!("saved snapshot {} ({} bytes)", snapshot.meta.version, bytes.len());
+    store.close().await;
+    Ok(())
+}
+
+/// Snapshots kept in the store; older ones are deleted.
+pub const SNAPSHOTS_KEPT: i64 = 5;

@@ -13,6 +13,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{ConnectOptions, Connection, PgPool, Row, SqlitePool};
 
 use crate::ingest::NewEvent;
+use crate::model::EventRow;
 
 static PG_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -309,6 +310,77 @@ impl Store {
     pub async fn count_events(&self) -> Result<i64> {
         let n = on_pool!(self, pool => sqlx::query_scalar("SELECT COUNT(*) FROM events").fetch_one(pool).await?);
         Ok(n)
+    }
+
+    /// Every event as the model reads it, in time order (ties in arrival
+    /// order).
+    pub async fn training_events(&self) -> Result<Vec<EventRow>> {
+        let rows = on_pool!(self, pool => {
+            sqlx::query_as::<_, (String, String, i16, i64)>(
+                "SELECT user_id, item_id, kind, ts FROM events ORDER BY ts, seq",
+            )
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|(user_id, item_id, kind, timestamp_ms)| EventRow {
+                user_id,
+                item_id,
+                kind: kind as u8,
+                timestamp_ms,
+            })
+            .collect())
+    }
+
+    /// Stores a snapshot and forgets all but the newest `keep`.
+    pub async fn save_snapshot(
+        &self,
+        version: &str,
+        created_at_ms: i64,
+        meta: &str,
+        bytes: &[u8],
+        keep: i64,
+    ) -> Result<()> {
+        on_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            sqlx::query("INSERT INTO snapshots (version, created_at, meta, bytes) VALUES ($1, $2, $3, $4)")
+                .bind(version)
+                .bind(created_at_ms)
+                .bind(meta)
+                .bind(bytes)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query(
+                "DELETE FROM snapshots WHERE version NOT IN \
+                 (SELECT version FROM snapshots ORDER BY created_at DESC, version DESC LIMIT $1)",
+            )
+            .bind(keep)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// The newest snapshot's version, if any.
+    pub async fn latest_snapshot_version(&self) -> Result<Option<String>> {
+        let v = on_pool!(self, pool => sqlx::query_scalar(
+            "SELECT version FROM snapshots ORDER BY created_at DESC, version DESC LIMIT 1",
+        )
+        .fetch_optional(pool)
+        .await?);
+        Ok(v)
+    }
+
+    /// The newest snapshot: (version, bytes).
+    pub async fn latest_snapshot(&self) -> Result<Option<(String, Vec<u8>)>> {
+        let v = on_pool!(self, pool => sqlx::query_as::<_, (String, Vec<u8>)>(
+            "SELECT version, bytes FROM snapshots ORDER BY created_at DESC, version DESC LIMIT 1",
+        )
+        .fetch_optional(pool)
+        .await?);
+        Ok(v)
     }
 }
 

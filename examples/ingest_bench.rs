@@ -1,0 +1,195 @@
+//! Ingest load driver: POSTs batches of 500 events over HTTP with several
+//! connections to a recd on SQLite and on Postgres, and, in the same run,
+//! measures what Postgres alone does with the same rows: recd's set-based
+//! insert into its own events table driven by `pgbench`, and a bare `COPY`
+//! into an unindexed table. Prints events/s for each.
+//!
+//!     cargo run --release --example ingest_bench -- [EVENTS] [CONNECTIONS]
+//!
+//! Postgres: RECD_BENCH_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432/recd_bench).
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Instant;
+
+use recd::config::Settings;
+use recd::http::AppState;
+use recd::store::{Store, StoreOptions};
+use serde_json::{json, Value};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const BATCH: usize = 500;
+
+fn bodies(events: usize, run: &str) -> Vec<String> {
+    let shop = recd::demo::generate(
+        recd::demo::DemoSize {
+            items: 5000,
+            users: events / 15 + 1,
+            sessions: 3,
+            seed: 1,
+        },
+        chrono::Utc::now().timestamp_millis(),
+    );
+    let rows: Vec<Value> = shop
+        .events
+        .iter()
+        .cycle()
+        .take(events)
+        .enumerate()
+        .map(|(i, e)| {
+            json!({"event_id": format!("{run}-{i}"), "user_id": e.user_id, "item_id": e.item_id,
+                   "type": e.kind, "value": e.value, "session_id": e.session_id,
+                   "timestamp": recd::ingest::format_timestamp(e.ts)})
+        })
+        .collect();
+    rows.chunks(BATCH).map(|c| json!({"events": c}).to_string()).collect()
+}
+
+/// Serves recd on `url` in this process and posts every body; events/s.
+async fn recd_ingest(url: &str, bodies: Arc<Vec<String>>, connections: usize) -> anyhow::Result<f64> {
+    let mut settings = Settings::with_database(url)?;
+    settings.listen = "127.0.0.1:0".parse()?;
+    settings.train_interval = None;
+    settings.database_max_connections = connections as u32 + 2;
+    let store = Store::open(url, &recd::server::store_options(&settings)).await?;
+    let listener = tokio::net::TcpListener::bind(settings.listen).await?;
+    let base = format!("http://{}/v1/events", listener.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(recd::http::serve(listener, AppState::new(store, settings), async {
+        let _ = stopped.await;
+    }));
+
+    let started = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (bodies, next, base) = (bodies.clone(), next.clone(), base.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut events = 0u64;
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else { break };
+                let reply: Value = client
+                    .post(&base)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                events += reply["accepted"].as_u64().unwrap_or(0);
+            }
+            anyhow::Ok(events)
+        }));
+    }
+    let mut accepted = 0;
+    for task in tasks {
+        accepted += task.await??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    server.await??;
+    Ok(accepted as f64 / seconds)
+}
+
+/// pgbench runs recd's insert shape (500 rows set-based into the events
+/// table with its unique event id and indexes) from `connections` clients.
+fn pgbench_insert(url: &str, events: usize, connections: usize) -> anyhow::Result<f64> {
+    let script = std::env::temp_dir().join("recd_pgbench.sql");
+    std::fs::write(
+        &script,
+        "INSERT INTO events (event_id, user_id, item_id, kind, value, ts, session_id, recommendation_id, received_at)
+         SELECT 'pgb-' || :client_id || '-' || g || '-' || md5(random()::text), 'u' || (random() * 20000)::int,
+                'i' || (random() * 5000)::int, 0, NULL, (extract(epoch from now()) * 1000)::bigint, 's', NULL, 0
+         FROM generate_series(1, 500) AS g ON CONFLICT (event_id) DO NOTHING;\n",
+    )?;
+    let transactions = events / BATCH / connections;
+    let output = Command::new("pgbench")
+        .args(["-n", "-f"])
+        .arg(&script)
+        .args([
+            "-c",
+            &connections.to_string(),
+            "-j",
+            "2",
+            "-t",
+            &transactions.to_string(),
+            url,
+        ])
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(
+        output.status.success(),
+        "pgbench failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let tps: f64 = text
+        .lines()
+        .find(|l| l.starts_with("tps"))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no tps in pgbench output:\n{text}"))?;
+    Ok(tps * BATCH as f64)
+}
+
+/// A bare COPY of the same number of rows into an unindexed table.
+async fn bare_copy(store: &Store, events: usize) -> anyhow::Result<f64> {
+    let Store::Postgres(pool) = store else {
+        anyhow::bail!("COPY needs Postgres")
+    };
+    sqlx::query("DROP TABLE IF EXISTS bench_bare").execute(pool).await?;
+    sqlx::query("CREATE UNLOGGED TABLE bench_bare (event_id text, user_id text, item_id text, kind int2, ts int8)")
+        .execute(pool)
+        .await?;
+    let mut csv = String::with_capacity(events * 48);
+    for i in 0..events {
+        csv.push_str(&format!(
+            "copy-{i},u{},i{},0,{}\n",
+            i % 20000,
+            i % 5000,
+            1_700_000_000_000i64 + i as i64
+        ));
+    }
+    let started = Instant::now();
+    let mut conn = pool.acquire().await?;
+    let mut copy = conn.copy_in_raw("COPY bench_bare FROM STDIN WITH (FORMAT csv)").await?;
+    copy.send(csv.as_bytes()).await?;
+    copy.finish().await?;
+    Ok(events as f64 / started.elapsed().as_secs_f64())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let events: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(200_000);
+    let connections: usize = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(8);
+    let pg = std::env::var("RECD_BENCH_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/recd_bench".to_owned());
+    println!("ingest: {events} events in batches of {BATCH}, {connections} connections");
+
+    let dir = tempfile::tempdir()?;
+    let sqlite = format!("sqlite://{}", dir.path().join("bench.db").display());
+    let rate = recd_ingest(&sqlite, Arc::new(bodies(events, "sqlite")), connections).await?;
+    println!("recd on SQLite:               {rate:>10.0} events/s");
+
+    // A fresh database each run, so the tables start equally empty.
+    let admin = Store::open(&pg, &StoreOptions::default()).await?;
+    if let Store::Postgres(pool) = &admin {
+        sqlx::query("TRUNCATE events").execute(pool).await?;
+    }
+    let run = format!("pg{}", chrono::Utc::now().timestamp_millis());
+    let rate = recd_ingest(&pg, Arc::new(bodies(events, &run)), connections).await?;
+    println!("recd on Postgres:             {rate:>10.0} events/s");
+    if let Store::Postgres(pool) = &admin {
+        sqlx::query("TRUNCATE events").execute(pool).await?;
+    }
+    let rate = pgbench_insert(&pg, events, connections)?;
+    println!("Postgres alone, same insert:  {rate:>10.0} rows/s (pgbench, {connections} clients)");
+    let rate = bare_copy(&admin, events).await?;
+    println!("Postgres alone, bare COPY:    {rate:>10.0} rows/s");
+    admin.close().await;
+    Ok(())
+}

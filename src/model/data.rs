@@ -1,0 +1,222 @@
+//! Events to sequences: each user's events in time order (ties in arrival
+//! order), items mapped to dense indexes, and the leave-one-out split of
+//! DESIGN.md section 5.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::ingest::{parse_timestamp, EventType};
+
+/// One event as the model sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventRow {
+    pub user_id: String,
+    pub item_id: String,
+    /// The event type's code (`EventType::code`).
+    pub kind: u8,
+    pub timestamp_ms: i64,
+}
+
+/// One position of a sequence: a dense item index (1-based; 0 is padding)
+/// and an event type code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Step {
+    pub item: u32,
+    pub kind: u8,
+}
+
+/// Every user's events as a sequence of dense item indexes.
+#[derive(Debug, Clone, Default)]
+pub struct Dataset {
+    /// Dense index - 1 -> item id.
+    pub item_ids: Vec<String>,
+    pub user_ids: Vec<String>,
+    pub sequences: Vec<Vec<Step>>,
+    pub events: usize,
+    /// The newest timestamp seen (ms), the training cutoff of a snapshot.
+    pub newest_ms: i64,
+}
+
+impl Dataset {
+    /// Builds the sequences from rows in arrival order: a stable sort by
+    /// time keeps arrival order among equal timestamps.
+    pub fn from_events(mut rows: Vec<EventRow>) -> Self {
+        rows.sort_by_key(|r| r.timestamp_ms);
+        let mut item_index: HashMap<String, u32> = HashMap::new();
+        let mut user_index: HashMap<String, usize> = HashMap::new();
+        let mut data = Dataset {
+            events: rows.len(),
+            newest_ms: rows.last().map(|r| r.timestamp_ms).unwrap_or(0),
+            ..Dataset::default()
+        };
+        for row in rows {
+            let item = match item_index.get(&row.item_id) {
+                Some(&i) => i,
+                None => {
+                    data.item_ids.push(row.item_id.clone());
+                    let i = data.item_ids.len() as u32;
+                    item_index.insert(row.item_id, i);
+                    i
+                }
+            };
+            let user = *user_index.entry(row.user_id.clone()).or_insert_with(|| {
+                data.user_ids.push(row.user_id);
+                data.sequences.push(Vec::new());
+                data.sequences.len() - 1
+            });
+            data.sequences[user].push(Step { item, kind: row.kind });
+        }
+        data
+    }
+
+    pub fn items(&self) -> usize {
+        self.item_ids.len()
+    }
+
+    pub fn users(&self) -> usize {
+        self.user_ids.len()
+    }
+}
+
+/// A held-out prediction: from the first `prefix` steps of `user`'s
+/// sequence, rank `target`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Case {
+    pub user: u32,
+    pub prefix: u32,
+    pub target: u32,
+}
+
+/// Leave-one-out in time order: the last event of every user with at least 3
+/// events is the test target, the one before it validation, the rest train.
+#[derive(Debug, Clone, Default)]
+pub struct Split {
+    /// Per user, how many leading steps are training data.
+    pub train_len: Vec<usize>,
+    pub valid: Vec<Case>,
+    pub test: Vec<Case>,
+}
+
+impl Split {
+    pub fn leave_one_out(data: &Dataset) -> Self {
+        let mut split = Split::default();
+        for (user, seq) in data.sequences.iter().enumerate() {
+            let n = seq.len();
+            if n < 3 {
+                split.train_len.push(n);
+                continue;
+            }
+            split.train_len.push(n - 2);
+            split.valid.push(Case {
+                user: user as u32,
+                prefix: (n - 2) as u32,
+                target: seq[n - 2].item,
+            });
+            split.test.push(Case {
+                user: user as u32,
+                prefix: (n - 1) as u32,
+                target: seq[n - 1].item,
+            });
+        }
+        split
+    }
+
+    /// Everything is training data (a retrain that serves what it learned
+    /// from every event); no held-out cases.
+    pub fn everything(data: &Dataset) -> Self {
+        Split {
+            train_len: data.sequences.iter().map(Vec::len).collect(),
+            ..Split::default()
+        }
+    }
+}
+
+/// Reads the events CSV of ../shared/data (`user_id,item_id,type,value,timestamp`).
+pub fn load_events_csv(path: &Path) -> anyhow::Result<Vec<EventRow>> {
+    let mut reader = csv::Reader::from_path(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let headers = reader.headers()?.clone();
+    let column = |name: &str| {
+        headers
+            .iter()
+            .position(|h| h == name)
+            .with_context(|| format!("{}: no `{name}` column", path.display()))
+    };
+    let (user, item, kind, ts) = (
+        column("user_id")?,
+        column("item_id")?,
+        column("type")?,
+        column("timestamp")?,
+    );
+    let mut rows = Vec::new();
+    for (line, record) in reader.records().enumerate() {
+        let record = record?;
+        let line = line + 2;
+        let field = |i: usize| record.get(i).unwrap_or("");
+        let kind = EventType::parse(field(kind))
+            .with_context(|| format!("{}:{line}: unknown event type {:?}", path.display(), field(kind)))?;
+        let timestamp_ms =
+            parse_timestamp(field(ts)).map_err(|e| anyhow::anyhow!("{}:{line}: {}", path.display(), e.message))?;
+        rows.push(EventRow {
+            user_id: field(user).to_owned(),
+            item_id: field(item).to_owned(),
+            kind: kind.code() as u8,
+            timestamp_ms,
+        });
+    }
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(user: &str, item: &str, ts: i64) -> EventRow {
+        EventRow {
+            user_id: user.into(),
+            item_id: item.into(),
+            kind: 0,
+            timestamp_ms: ts,
+        }
+    }
+
+    #[test]
+    fn sequences_follow_time_then_arrival() {
+        let data = Dataset::from_events(vec![row("u", "b", 2), row("u", "a", 1), row("u", "c", 2)]);
+        let items: Vec<&str> = data.sequences[0]
+            .iter()
+            .map(|s| data.item_ids[s.item as usize - 1].as_str())
+            .collect();
+        assert_eq!(items, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn leave_one_out_holds_out_the_last_two() {
+        let data = Dataset::from_events(vec![
+            row("u", "a", 1),
+            row("u", "b", 2),
+            row("u", "c", 3),
+            row("v", "a", 1),
+            row("v", "b", 2),
+        ]);
+        let split = Split::leave_one_out(&data);
+        assert_eq!(split.train_len, [1, 2]);
+        assert_eq!(
+            split.valid,
+            [Case {
+                user: 0,
+                prefix: 1,
+                target: 2
+            }]
+        );
+        assert_eq!(
+            split.test,
+            [Case {
+                user: 0,
+                prefix: 2,
+                target: 3
+            }]
+        );
+    }
+}

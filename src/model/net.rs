@@ -1,0 +1,257 @@
+//! The network in candle, for training: item + event-type embeddings, an
+//! LSTM, a projection to the embedding size, and scores as dot products with
+//! the (tied) item embeddings plus an item bias.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::distributions::{Distribution, WeightedIndex};
+use rand::rngs::StdRng;
+use rand::Rng;
+
+use super::ops::{LstmCell, SoftmaxCrossEntropy};
+use super::snapshot::{Weights, KINDS, PAD_KIND};
+
+/// A batch in time-major layout: position (t, b) is row t * B + b.
+pub struct Batch {
+    pub steps: usize,
+    pub rows: usize,
+    /// (T * B) dense item indexes, 0 for padding.
+    pub items: Vec<u32>,
+    pub kinds: Vec<u32>,
+    /// Rows whose next item is a training target.
+    pub positions: Vec<u32>,
+    /// The 1-based dense index predicted at each position.
+    pub targets: Vec<u32>,
+}
+
+impl Batch {
+    /// Right-padded sequences, each predicting its next item at every
+    /// position; positions whose target already occurred earlier in the
+    /// sequence are left out unless `repeats` (the served lists exclude
+    /// items a shopper has seen).
+    pub fn new(seqs: &[&[super::data::Step]], repeats: bool) -> Self {
+        let rows = seqs.len();
+        let steps = seqs.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
+        let mut batch = Batch {
+            steps,
+            rows,
+            items: vec![0; steps * rows],
+            kinds: vec![PAD_KIND as u32; steps * rows],
+            positions: Vec::new(),
+            targets: Vec::new(),
+        };
+        let mut seen = std::collections::HashSet::new();
+        for (b, seq) in seqs.iter().enumerate() {
+            seen.clear();
+            for t in 0..seq.len().saturating_sub(1) {
+                let row = t * rows + b;
+                batch.items[row] = seq[t].item;
+                batch.kinds[row] = seq[t].kind as u32;
+                seen.insert(seq[t].item);
+                let target = seq[t + 1].item;
+                if repeats || !seen.contains(&target) {
+                    batch.positions.push(row as u32);
+                    batch.targets.push(target);
+                }
+            }
+        }
+        // Time-major rows of a position-sorted batch keep the gather local.
+        let mut order: Vec<usize> = (0..batch.positions.len()).collect();
+        order.sort_by_key(|&i| batch.positions[i]);
+        batch.positions = order.iter().map(|&i| batch.positions[i]).collect();
+        batch.targets = order.iter().map(|&i| batch.targets[i]).collect();
+        batch
+    }
+}
+
+/// Negatives for sampled softmax: drawn by popularity^alpha, with the
+/// log-probabilities that correct the logits (logQ).
+pub struct Sampler {
+    dist: WeightedIndex<f64>,
+    /// log q per dense index (0 unused).
+    log_q: Vec<f32>,
+    pub count: usize,
+}
+
+impl Sampler {
+    pub fn new(popularity: &[f32], alpha: f64, count: usize) -> anyhow::Result<Self> {
+        let weights: Vec<f64> = popularity
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| if i == 0 { 0.0 } else { (p as f64 + 1.0).powf(alpha) })
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let log_q = weights.iter().map(|&w| (w / total).max(1e-30).ln() as f32).collect();
+        Ok(Sampler {
+            dist: WeightedIndex::new(&weights)?,
+            log_q,
+            count,
+        })
+    }
+}
+
+pub struct Network {
+    pub items: usize,
+    pub dim: usize,
+    pub hidden: usize,
+    pub item_emb: Var,
+    pub kind_emb: Var,
+    pub w_ih: Var,
+    pub w_hh: Var,
+    pub b: Var,
+    pub proj: Var,
+    pub proj_b: Var,
+    pub item_bias: Var,
+}
+
+fn uniform(rng: &mut StdRng, shape: (usize, usize), bound: f32) -> Result<Var> {
+    let data: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.gen_range(-bound..bound)).collect();
+    Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu)?)
+}
+
+/// Inverted dropout with a seeded mask.
+fn dropout(x: &Tensor, p: f32, rng: &mut StdRng) -> Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.gen::<f32>() < p { 0.0 } else { keep })
+        .collect();
+    x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
+}
+
+pub struct Dropouts {
+    pub embedding: f32,
+    pub hidden: f32,
+}
+
+impl Network {
+    /// Uniform initialisation within +-sqrt(6 / (fan_in + fan_out)); the
+    /// forget gate starts open (bias 1).
+    pub fn new(items: usize, dim: usize, hidden: usize, rng: &mut StdRng) -> Result<Self> {
+        let glorot = |a: usize, b: usize| (6.0 / (a + b) as f32).sqrt();
+        let item_emb = uniform(rng, (items + 1, dim), glorot(dim, dim) * 0.5)?;
+        let kind_emb = uniform(rng, (KINDS, dim), glorot(dim, dim) * 0.5)?;
+        let w_ih = uniform(rng, (4 * hidden, dim), glorot(dim, 4 * hidden))?;
+        let w_hh = uniform(rng, (4 * hidden, hidden), glorot(hidden, 4 * hidden))?;
+        let mut bias = vec![0f32; 4 * hidden];
+        bias[hidden..2 * hidden].fill(1.0);
+        let b = Var::from_tensor(&Tensor::from_vec(bias, 4 * hidden, &Device::Cpu)?)?;
+        let proj = uniform(rng, (dim, hidden), glorot(hidden, dim))?;
+        let proj_b = Var::zeros(dim, DType::F32, &Device::Cpu)?;
+        let item_bias = Var::zeros(items + 1, DType::F32, &Device::Cpu)?;
+        Ok(Network {
+            items,
+            dim,
+            hidden,
+            item_emb,
+            kind_emb,
+            w_ih,
+            w_hh,
+            b,
+            proj,
+            proj_b,
+            item_bias,
+        })
+    }
+
+    pub fn vars(&self) -> Vec<Var> {
+        vec![
+            self.item_emb.clone(),
+            self.kind_emb.clone(),
+            self.w_ih.clone(),
+            self.w_hh.clone(),
+            self.b.clone(),
+            self.proj.clone(),
+            self.proj_b.clone(),
+            self.item_bias.clone(),
+        ]
+    }
+
+    /// Query vectors (N, dim) at the batch's target positions.
+    pub fn queries(&self, batch: &Batch, drop: &Dropouts, rng: &mut StdRng) -> Result<Tensor> {
+        let dev = Device::Cpu;
+        let (t_len, b_len, h) = (batch.steps, batch.rows, self.hidden);
+        let items = Tensor::from_slice(&batch.items, t_len * b_len, &dev)?;
+        let kinds = Tensor::from_slice(&batch.kinds, t_len * b_len, &dev)?;
+        let x = (self.item_emb.index_select(&items, 0)? + self.kind_emb.index_select(&kinds, 0)?)?;
+        let x = dropout(&x, drop.embedding, rng)?;
+        // Input projections of every step in one product.
+        let xw = x
+            .matmul(&self.w_ih.t()?)?
+            .broadcast_add(&self.b)?
+            .reshape((t_len, b_len, 4 * h))?;
+        let w_hh_t = self.w_hh.t()?;
+        let mut hs = Vec::with_capacity(t_len);
+        let mut state_h = Tensor::zeros((b_len, h), DType::F32, &dev)?;
+        let mut state_c = Tensor::zeros((b_len, h), DType::F32, &dev)?;
+        for t in 0..t_len {
+            let pre = (xw.get(t)? + state_h.matmul(&w_hh_t)?)?;
+            let hc = pre.apply_op2(&state_c, LstmCell)?;
+            state_h = hc.narrow(1, 0, h)?.contiguous()?;
+            state_c = hc.narrow(1, h, h)?.contiguous()?;
+            hs.push(state_h.clone());
+        }
+        let hs = Tensor::cat(&hs, 0)?;
+        let positions = Tensor::from_slice(&batch.positions, batch.positions.len(), &dev)?;
+        let sel = dropout(&hs.index_select(&positions, 0)?, drop.hidden, rng)?;
+        sel.matmul(&self.proj.t()?)?.broadcast_add(&self.proj_b)
+    }
+
+    /// Cross-entropy of the next item over the whole catalogue.
+    pub fn full_loss(&self, batch: &Batch, drop: &Dropouts, rng: &mut StdRng) -> Result<Tensor> {
+        let q = self.queries(batch, drop, rng)?;
+        let emb = self.item_emb.narrow(0, 1, self.items)?;
+        let bias = self.item_bias.narrow(0, 1, self.items)?;
+        let logits = q.matmul(&emb.t()?)?.broadcast_add(&bias)?;
+        let targets: Vec<u32> = batch.targets.iter().map(|&t| t - 1).collect();
+        let targets = Tensor::from_vec(targets, batch.targets.len(), &Device::Cpu)?;
+        logits.apply_op2(&targets, SoftmaxCrossEntropy)
+    }
+
+    /// Sampled softmax: the target against negatives shared by the batch,
+    /// all logits corrected by log q; a negative that is the row's own
+    /// target is masked.
+    pub fn sampled_loss(&self, batch: &Batch, drop: &Dropouts, sampler: &Sampler, rng: &mut StdRng) -> Result<Tensor> {
+        let dev = Device::Cpu;
+        let q = self.queries(batch, drop, rng)?;
+        let n = batch.targets.len();
+        let negs: Vec<u32> = (0..sampler.count).map(|_| sampler.dist.sample(rng) as u32).collect();
+        let tgt = Tensor::from_slice(&batch.targets, n, &dev)?;
+        let neg = Tensor::from_slice(&negs, negs.len(), &dev)?;
+        let log_q = |ids: &[u32]| ids.iter().map(|&i| sampler.log_q[i as usize]).collect::<Vec<f32>>();
+        let pos = (q.mul(&self.item_emb.index_select(&tgt, 0)?)?.sum(1)? + self.item_bias.index_select(&tgt, 0)?)?;
+        let pos = (pos - Tensor::from_vec(log_q(&batch.targets), n, &dev)?)?;
+        let neg_logits = q
+            .matmul(&self.item_emb.index_select(&neg, 0)?.t()?)?
+            .broadcast_add(&self.item_bias.index_select(&neg, 0)?)?
+            .broadcast_sub(&Tensor::from_vec(log_q(&negs), negs.len(), &dev)?)?;
+        let mut mask = vec![0f32; n * negs.len()];
+        for (r, &t) in batch.targets.iter().enumerate() {
+            for (k, &j) in negs.iter().enumerate() {
+                if j == t {
+                    mask[r * negs.len() + k] = -1e9;
+                }
+            }
+        }
+        let neg_logits = (neg_logits + Tensor::from_vec(mask, (n, negs.len()), &dev)?)?;
+        let logits = Tensor::cat(&[&pos.unsqueeze(1)?, &neg_logits], 1)?;
+        logits.apply_op2(&Tensor::zeros(n, DType::U32, &dev)?, SoftmaxCrossEntropy)
+    }
+
+    pub fn weights(&self) -> Result<Weights> {
+        let flat = |v: &Var| v.as_tensor().flatten_all()?.to_vec1::<f32>();
+        Ok(Weights {
+            dim: self.dim,
+            hidden: self.hidden,
+            item_emb: flat(&self.item_emb)?,
+            kind_emb: flat(&self.kind_emb)?,
+            w_ih: flat(&self.w_ih)?,
+            w_hh: flat(&self.w_hh)?,
+            b: flat(&self.b)?,
+            proj: flat(&self.proj)?,
+            proj_b: flat(&self.proj_b)?,
+            item_bias: flat(&self.item_bias)?,
+        })
+    }
+}

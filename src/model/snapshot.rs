@@ -1,0 +1,451 @@
+//! The served model in plain Rust: f32 arrays out of a training run, an LSTM
+//! step, catalogue scoring and a top-N, with no candle on the request path.
+//! Saved as safetensors with the item ids and metrics as JSON metadata; it
+//! holds no user data.
+
+use std::collections::HashMap;
+
+use safetensors::tensor::{Dtype, TensorView};
+use serde::{Deserialize, Serialize};
+
+use super::data::Step;
+use super::knn::Neighbours;
+
+/// Event type codes the model embeds (`EventType::ALL`), plus padding.
+pub const KINDS: usize = 8;
+pub const PAD_KIND: u8 = 7;
+
+/// What a snapshot says about itself.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotMeta {
+    pub version: String,
+    /// When training finished (RFC 3339).
+    pub trained_at: String,
+    /// Newest event timestamp (ms) the model learned from.
+    pub cutoff_ms: i64,
+    pub events: u64,
+    pub users: u64,
+    pub items: u64,
+    /// Held-out figures of this training: `model`, `popular`, `item_knn`.
+    pub metrics: serde_json::Value,
+    /// The weight of co-occurrence scores added to the network's.
+    pub knn_weight: f32,
+    /// `network` when trained weights are present, `popular` when the data
+    /// was too small to train (only popularity and co-occurrence then).
+    pub kind: String,
+}
+
+/// The network's weights, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Weights {
+    pub dim: usize,
+    pub hidden: usize,
+    /// (items + 1) x dim; row 0 is padding.
+    pub item_emb: Vec<f32>,
+    /// KINDS x dim.
+    pub kind_emb: Vec<f32>,
+    /// 4h x dim, gates in the order input, forget, cell, output.
+    pub w_ih: Vec<f32>,
+    /// 4h x h.
+    pub w_hh: Vec<f32>,
+    /// 4h.
+    pub b: Vec<f32>,
+    /// dim x h.
+    pub proj: Vec<f32>,
+    /// dim.
+    pub proj_b: Vec<f32>,
+    /// items + 1.
+    pub item_bias: Vec<f32>,
+}
+
+/// A user's recurrent state after some events.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserState {
+    pub h: Vec<f32>,
+    pub c: Vec<f32>,
+    /// Events run through the network.
+    pub steps: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelSnapshot {
+    pub meta: SnapshotMeta,
+    /// Dense index - 1 -> item id.
+    pub item_ids: Vec<String>,
+    pub index: HashMap<String, u32>,
+    pub weights: Option<Weights>,
+    /// Interaction counts per dense index (0 for padding).
+    pub popularity: Vec<f32>,
+    pub neighbours: Neighbours,
+}
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// out[r] += dot(m[r], v) for a row-major matrix with `v.len()` columns.
+#[inline]
+fn matvec_add(m: &[f32], v: &[f32], out: &mut [f32]) {
+    let cols = v.len();
+    for (row, o) in m.chunks_exact(cols).zip(out.iter_mut()) {
+        *o += dot(row, v);
+    }
+}
+
+/// A dot product written so that the compiler vectorises it.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for k in 0..8 {
+            acc[k] += x[k] * y[k];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        sum += x * y;
+    }
+    sum
+}
+
+impl Weights {
+    pub fn items(&self) -> usize {
+        self.item_bias.len() - 1
+    }
+
+    /// One LSTM step: the state after `step`.
+    pub fn advance(&self, state: &mut UserState, step: Step) {
+        let (d, h) = (self.dim, self.hidden);
+        let item = step.item as usize;
+        let kind = (step.kind as usize).min(KINDS - 1);
+        let mut x = vec![0f32; d];
+        let (e, t) = (
+            &self.item_emb[item * d..(item + 1) * d],
+            &self.kind_emb[kind * d..(kind + 1) * d],
+        );
+        for ((x, e), t) in x.iter_mut().zip(e).zip(t) {
+            *x = e + t;
+        }
+        let mut gates = self.b.clone();
+        matvec_add(&self.w_ih, &x, &mut gates);
+        matvec_add(&self.w_hh, &state.h, &mut gates);
+        for k in 0..h {
+            let i = sigmoid(gates[k]);
+            let f = sigmoid(gates[h + k]);
+            let g = gates[2 * h + k].tanh();
+            let o = sigmoid(gates[3 * h + k]);
+            let c = f * state.c[k] + i * g;
+            state.c[k] = c;
+            state.h[k] = o * c.tanh();
+        }
+        state.steps += 1;
+    }
+
+    pub fn initial_state(&self) -> UserState {
+        UserState {
+            h: vec![0.0; self.hidden],
+            c: vec![0.0; self.hidden],
+            steps: 0,
+        }
+    }
+
+    /// The query vector whose dot product with an item's embedding scores it.
+    pub fn query(&self, state: &UserState) -> Vec<f32> {
+        let mut q = self.proj_b.clone();
+        matvec_add(&self.proj, &state.h, &mut q);
+        q
+    }
+
+    /// scores[i] = dot(q, item i) + bias i, for every dense index (0 too).
+    pub fn score_into(&self, q: &[f32], scores: &mut [f32]) {
+        let d = self.dim;
+        for ((row, bias), s) in self
+            .item_emb
+            .chunks_exact(d)
+            .zip(&self.item_bias)
+            .zip(scores.iter_mut())
+        {
+            *s = dot(row, q) + bias;
+        }
+    }
+}
+
+/// The N best (index, score) of `scores`, best first, skipping index 0 and
+/// whatever `skip` says; ties go to the lower index.
+pub fn top_n(scores: &[f32], n: usize, mut skip: impl FnMut(u32) -> bool) -> Vec<(u32, f32)> {
+    use std::cmp::Ordering;
+    use std::collections::BinaryHeap;
+    #[derive(PartialEq)]
+    struct Entry(f32, u32);
+    impl Eq for Entry {}
+    impl Ord for Entry {
+        // A min-heap on score (the worst kept entry on top); among equal
+        // scores the higher index is worse.
+        fn cmp(&self, other: &Self) -> Ordering {
+            other.0.total_cmp(&self.0).then(self.1.cmp(&other.1))
+        }
+    }
+    impl PartialOrd for Entry {
+        fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut heap = BinaryHeap::with_capacity(n + 1);
+    for (i, &s) in scores.iter().enumerate().skip(1) {
+        if s.is_nan() || s == f32::NEG_INFINITY {
+            continue;
+        }
+        if heap.len() == n {
+            let worst: &Entry = heap.peek().expect("full heap");
+            if s <= worst.0 {
+                continue;
+            }
+        }
+        if skip(i as u32) {
+            continue;
+        }
+        heap.push(Entry(s, i as u32));
+        if heap.len() > n {
+            heap.pop();
+        }
+    }
+    let mut best: Vec<(u32, f32)> = heap.into_iter().map(|e| (e.1, e.0)).collect();
+    best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    best
+}
+
+const FORMAT: &str = "recd-snapshot-1";
+
+impl ModelSnapshot {
+    pub fn new(
+        meta: SnapshotMeta,
+        item_ids: Vec<String>,
+        weights: Option<Weights>,
+        popularity: Vec<f32>,
+        neighbours: Neighbours,
+    ) -> Self {
+        let index = item_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.clone(), i as u32 + 1))
+            .collect();
+        ModelSnapshot {
+            meta,
+            item_ids,
+            index,
+            weights,
+            popularity,
+            neighbours,
+        }
+    }
+
+    pub fn items(&self) -> usize {
+        self.item_ids.len()
+    }
+
+    pub fn item_id(&self, index: u32) -> &str {
+        &self.item_ids[index as usize - 1]
+    }
+
+    pub fn item_index(&self, id: &str) -> Option<u32> {
+        self.index.get(id).copied()
+    }
+
+    /// The state after a user's events (only the newest `max_len` count).
+    pub fn user_state(&self, history: &[Step], max_len: usize) -> Option<UserState> {
+        let weights = self.weights.as_ref()?;
+        let mut state = weights.initial_state();
+        for &step in &history[history.len().saturating_sub(max_len)..] {
+            weights.advance(&mut state, step);
+        }
+        Some(state)
+    }
+
+    /// Scores of every dense index for a user with this history and state:
+    /// the network's (when trained) plus weighted co-occurrence.
+    pub fn score_user(&self, history: &[Step], state: Option<&UserState>, scores: &mut Vec<f32>) {
+        scores.clear();
+        scores.resize(self.items() + 1, 0.0);
+        match (self.weights.as_ref(), state) {
+            (Some(weights), Some(state)) => {
+                let q = weights.query(state);
+                weights.score_into(&q, scores);
+                if self.meta.knn_weight > 0.0 {
+                    self.neighbours.add_scores(history, self.meta.knn_weight, scores);
+                }
+            }
+            _ => {
+                self.neighbours.add_scores(history, 1.0, scores);
+                // Popularity breaks ties among items co-occurrence does not reach.
+                let total: f32 = self.popularity.iter().sum::<f32>().max(1.0);
+                for (s, p) in scores.iter_mut().zip(&self.popularity) {
+                    *s += 1e-3 * p / total;
+                }
+            }
+        }
+    }
+
+    /// Item-to-item similarity by the learned embeddings (cosine), or by
+    /// co-occurrence when no network was trained.
+    pub fn similar_scores(&self, item: u32, scores: &mut Vec<f32>) {
+        scores.clear();
+        scores.resize(self.items() + 1, 0.0);
+        if let Some(w) = &self.weights {
+            let d = w.dim;
+            let row = |i: usize| &w.item_emb[i * d..(i + 1) * d];
+            let norm = |v: &[f32]| dot(v, v).sqrt().max(1e-12);
+            let q = row(item as usize);
+            let qn = norm(q);
+            for (i, s) in scores.iter_mut().enumerate().skip(1) {
+                let r = row(i);
+                *s = dot(q, r) / (qn * norm(r));
+            }
+        }
+        for (j, sim) in self.neighbours.of(item) {
+            scores[j as usize] += sim;
+        }
+        scores[item as usize] = f32::NEG_INFINITY;
+    }
+
+    /// Serialises to safetensors bytes with the metadata as JSON.
+    pub fn to_bytes(&self) -> anyhow::Result<Vec<u8>> {
+        let mut tensors: Vec<(String, Vec<u8>, Vec<usize>, Dtype)> = Vec::new();
+        let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let u32s = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        tensors.push((
+            "popularity".into(),
+            f32s(&self.popularity),
+            vec![self.popularity.len()],
+            Dtype::F32,
+        ));
+        let nb = &self.neighbours;
+        tensors.push((
+            "knn.offsets".into(),
+            u32s(&nb.offsets),
+            vec![nb.offsets.len()],
+            Dtype::U32,
+        ));
+        tensors.push(("knn.items".into(), u32s(&nb.items), vec![nb.items.len()], Dtype::U32));
+        tensors.push((
+            "knn.weights".into(),
+            f32s(&nb.weights),
+            vec![nb.weights.len()],
+            Dtype::F32,
+        ));
+        if let Some(w) = &self.weights {
+            let (n, d, h) = (w.item_bias.len(), w.dim, w.hidden);
+            tensors.push(("item_emb".into(), f32s(&w.item_emb), vec![n, d], Dtype::F32));
+            tensors.push(("kind_emb".into(), f32s(&w.kind_emb), vec![KINDS, d], Dtype::F32));
+            tensors.push(("lstm.w_ih".into(), f32s(&w.w_ih), vec![4 * h, d], Dtype::F32));
+            tensors.push(("lstm.w_hh".into(), f32s(&w.w_hh), vec![4 * h, h], Dtype::F32));
+            tensors.push(("lstm.b".into(), f32s(&w.b), vec![4 * h], Dtype::F32));
+            tensors.push(("proj.w".into(), f32s(&w.proj), vec![d, h], Dtype::F32));
+            tensors.push(("proj.b".into(), f32s(&w.proj_b), vec![d], Dtype::F32));
+            tensors.push(("item_bias".into(), f32s(&w.item_bias), vec![n], Dtype::F32));
+        }
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .map(|(name, bytes, shape, dtype)| Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?)))
+            .collect::<Result<_, safetensors::SafeTensorError>>()?;
+        let mut metadata = HashMap::new();
+        metadata.insert("format".to_owned(), FORMAT.to_owned());
+        metadata.insert("meta".to_owned(), serde_json::to_string(&self.meta)?);
+        metadata.insert("item_ids".to_owned(), serde_json::to_string(&self.item_ids)?);
+        Ok(safetensors::serialize(views, Some(metadata))?)
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)?;
+        let tensors = safetensors::SafeTensors::deserialize(bytes)?;
+        let metadata = header.metadata().clone().context("snapshot without metadata")?;
+        anyhow::ensure!(
+            metadata.get("format").map(String::as_str) == Some(FORMAT),
+            "not a recd snapshot"
+        );
+        let meta: SnapshotMeta = serde_json::from_str(metadata.get("meta").context("no meta")?)?;
+        let item_ids: Vec<String> = serde_json::from_str(metadata.get("item_ids").context("no item ids")?)?;
+        let f32s = |name: &str| -> anyhow::Result<Vec<f32>> {
+            let t = tensors
+                .tensor(name)
+                .with_context(|| format!("snapshot without {name}"))?;
+            anyhow::ensure!(t.dtype() == Dtype::F32, "{name}: not f32");
+            Ok(t.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect())
+        };
+        let u32s = |name: &str| -> anyhow::Result<Vec<u32>> {
+            let t = tensors
+                .tensor(name)
+                .with_context(|| format!("snapshot without {name}"))?;
+            anyhow::ensure!(t.dtype() == Dtype::U32, "{name}: not u32");
+            Ok(t.data()
+                .chunks_exact(4)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect())
+        };
+        let n = item_ids.len() + 1;
+        let weights = if tensors.names().iter().any(|name| *name == "item_emb") {
+            let shape = tensors.tensor("item_emb")?.shape().to_vec();
+            let dim = shape[1];
+            let hidden = tensors.tensor("lstm.w_hh")?.shape()[1];
+            let w = Weights {
+                dim,
+                hidden,
+                item_emb: f32s("item_emb")?,
+                kind_emb: f32s("kind_emb")?,
+                w_ih: f32s("lstm.w_ih")?,
+                w_hh: f32s("lstm.w_hh")?,
+                b: f32s("lstm.b")?,
+                proj: f32s("proj.w")?,
+                proj_b: f32s("proj.b")?,
+                item_bias: f32s("item_bias")?,
+            };
+            anyhow::ensure!(shape[0] == n && w.item_bias.len() == n, "item count mismatch");
+            Some(w)
+        } else {
+            None
+        };
+        let neighbours = Neighbours {
+            offsets: u32s("knn.offsets")?,
+            items: u32s("knn.items")?,
+            weights: f32s("knn.weights")?,
+        };
+        anyhow::ensure!(neighbours.offsets.len() == n + 1, "co-occurrence table mismatch");
+        Ok(ModelSnapshot::new(
+            meta,
+            item_ids,
+            weights,
+            f32s("popularity")?,
+            neighbours,
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_n_orders_and_skips() {
+        let scores = [9.0, 0.5, 3.0, 3.0, f32::NEG_INFINITY, 7.0, 1.0];
+        assert_eq!(top_n(&scores, 3, |_| false), [(5, 7.0), (2, 3.0), (3, 3.0)]);
+        assert_eq!(top_n(&scores, 2, |i| i == 5), [(2, 3.0), (3, 3.0)]);
+        assert_eq!(top_n(&scores, 10, |_| false).len(), 5);
+    }
+
+    #[test]
+    fn dot_matches_naive() {
+        let a: Vec<f32> = (0..67).map(|i| i as f32 * 0.5).collect();
+        let b: Vec<f32> = (0..67).map(|i| 1.0 - i as f32 * 0.01).collect();
+        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - naive).abs() < 1e-3);
+    }
+}

@@ -1,0 +1,251 @@
+//! The training loop: batches of similar length, AdamW, dropout, early
+//! stopping on validation NDCG@10, all seeded.
+
+use std::time::{Duration, Instant};
+
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use super::data::{Case, Dataset, Step};
+use super::metrics;
+use super::net::{Batch, Dropouts, Network, Sampler};
+use super::snapshot::Weights;
+
+/// Every knob of a training; `recd eval --config` and the service's
+/// `[train]` settings fill it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Embedding size d.
+    pub dim: usize,
+    /// LSTM state size.
+    pub hidden: usize,
+    /// The newest L events of a user form one sequence; longer histories
+    /// are cut into several.
+    pub max_len: usize,
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    pub embedding_dropout: f32,
+    pub hidden_dropout: f32,
+    pub max_epochs: usize,
+    /// Epochs without a better validation NDCG@10 before stopping.
+    pub patience: usize,
+    /// Training stops after this long even without converging (seconds).
+    pub max_train_seconds: f64,
+    /// Full softmax up to this many items; sampled softmax past it.
+    pub full_softmax_max_items: usize,
+    pub negatives: usize,
+    /// Negatives are drawn by popularity^alpha.
+    pub negative_alpha: f64,
+    /// Validation cases per epoch (a seeded sample when there are more).
+    pub validation_cases: usize,
+    /// Learn to predict items the user already touched.
+    pub train_on_repeats: bool,
+    /// Co-occurrence neighbours kept per item.
+    pub neighbours: usize,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            dim: 64,
+            hidden: 64,
+            max_len: 50,
+            batch_size: 128,
+            learning_rate: 1e-3,
+            weight_decay: 0.0,
+            embedding_dropout: 0.3,
+            hidden_dropout: 0.1,
+            max_epochs: 60,
+            patience: 4,
+            max_train_seconds: 240.0,
+            full_softmax_max_items: 30_000,
+            negatives: 1024,
+            negative_alpha: 0.5,
+            validation_cases: 5_000,
+            train_on_repeats: false,
+            neighbours: 100,
+            seed: 42,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!((1..=1024).contains(&self.dim), "dim must be 1..=1024");
+        anyhow::ensure!((1..=1024).contains(&self.hidden), "hidden must be 1..=1024");
+        anyhow::ensure!(self.max_len >= 2, "max_len must be at least 2");
+        anyhow::ensure!(self.batch_size >= 1, "batch_size must be at least 1");
+        anyhow::ensure!(self.max_epochs >= 1, "max_epochs must be at least 1");
+        anyhow::ensure!(
+            (0.0..1.0).contains(&self.embedding_dropout) && (0.0..1.0).contains(&self.hidden_dropout),
+            "dropouts must be in [0, 1)"
+        );
+        anyhow::ensure!(self.negatives >= 1, "negatives must be at least 1");
+        Ok(())
+    }
+}
+
+/// What a training run produced.
+pub struct Trained {
+    pub weights: Weights,
+    pub epochs: usize,
+    pub best_validation_ndcg: f64,
+    pub seconds: f64,
+}
+
+/// Training sequences: each user's training part cut into windows of at
+/// most `max_len` + 1 events from the newest back (consecutive windows share
+/// one event, so every transition is learned once).
+pub fn windows<'a>(data: &'a Dataset, train_len: &[usize], max_len: usize) -> Vec<&'a [Step]> {
+    let mut out = Vec::new();
+    for (seq, &n) in data.sequences.iter().zip(train_len) {
+        let mut end = n;
+        while end >= 2 {
+            let start = end.saturating_sub(max_len + 1);
+            out.push(&seq[start..end]);
+            if start == 0 {
+                break;
+            }
+            end = start + 1;
+        }
+    }
+    out
+}
+
+fn bar(len: u64, show: bool) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} batches ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// Trains the network on the windows, stopping early on `validate`'s
+/// NDCG@10 (higher is better); returns the best epoch's weights.
+pub fn train(
+    data: &Dataset,
+    train_len: &[usize],
+    popularity: &[f32],
+    valid: &[Case],
+    cfg: &TrainConfig,
+    progress: bool,
+) -> anyhow::Result<Trained> {
+    cfg.check()?;
+    let started = Instant::now();
+    let budget = Duration::from_secs_f64(cfg.max_train_seconds.max(0.0));
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let net = Network::new(data.items(), cfg.dim, cfg.hidden, &mut rng)?;
+    let mut opt = AdamW::new(
+        net.vars(),
+        ParamsAdamW {
+            lr: cfg.learning_rate,
+            weight_decay: cfg.weight_decay,
+            ..ParamsAdamW::default()
+        },
+    )?;
+    let sampled = data.items() > cfg.full_softmax_max_items;
+    let sampler = if sampled {
+        Some(Sampler::new(popularity, cfg.negative_alpha, cfg.negatives)?)
+    } else {
+        None
+    };
+    let drop = Dropouts {
+        embedding: cfg.embedding_dropout,
+        hidden: cfg.hidden_dropout,
+    };
+    let mut windows = windows(data, train_len, cfg.max_len);
+    anyhow::ensure!(!windows.is_empty(), "no user has two events to learn a transition from");
+    let mut valid: Vec<Case> = valid.to_vec();
+    if valid.len() > cfg.validation_cases {
+        valid.shuffle(&mut rng);
+        valid.truncate(cfg.validation_cases);
+    }
+    let mut best: Option<(f64, Weights, usize)> = None;
+    let mut since_best = 0;
+    let mut epochs = 0;
+    let batches_per_epoch = windows.len().div_ceil(cfg.batch_size) as u64;
+    for epoch in 1..=cfg.max_epochs {
+        // Shuffle, then sort within blocks of 50 batches by length, so a
+        // batch pads little and still varies from epoch to epoch.
+        windows.shuffle(&mut rng);
+        for block in windows.chunks_mut(cfg.batch_size * 50) {
+            block.sort_by_key(|w| w.len());
+        }
+        let mut batches: Vec<&[&[Step]]> = windows.chunks(cfg.batch_size).collect();
+        batches.shuffle(&mut rng);
+        let progress_bar = bar(batches_per_epoch, progress);
+        progress_bar.set_message(format!("epoch {epoch}"));
+        let mut loss_sum = 0.0;
+        for seqs in &batches {
+            let batch = Batch::new(seqs, cfg.train_on_repeats);
+            if batch.targets.is_empty() {
+                progress_bar.inc(1);
+                continue;
+            }
+            let loss = match &sampler {
+                Some(s) => net.sampled_loss(&batch, &drop, s, &mut rng)?,
+                None => net.full_loss(&batch, &drop, &mut rng)?,
+            };
+            opt.backward_step(&loss)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            progress_bar.inc(1);
+        }
+        progress_bar.finish_and_clear();
+        epochs = epoch;
+        let weights = net.weights()?;
+        let ndcg = if valid.is_empty() {
+            0.0
+        } else {
+            validate(data, &weights, &valid, cfg)
+        };
+        tracing::info!(
+            epoch,
+            loss = loss_sum / batches.len().max(1) as f64,
+            validation_ndcg = ndcg,
+            seconds = started.elapsed().as_secs_f64(),
+            "epoch"
+        );
+        // A tie goes to the later epoch, which fits the training data better.
+        let better = best.as_ref().is_none_or(|(b, _, _)| ndcg >= *b);
+        let improved = best.as_ref().is_none_or(|(b, _, _)| ndcg > *b);
+        if better {
+            best = Some((ndcg, weights, epoch));
+        }
+        since_best = if improved { 0 } else { since_best + 1 };
+        if since_best >= cfg.patience || started.elapsed() > budget {
+            break;
+        }
+    }
+    let (best_validation_ndcg, weights, _) = best.expect("at least one epoch ran");
+    Ok(Trained {
+        weights,
+        epochs,
+        best_validation_ndcg,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// NDCG@10 of the network alone on validation cases.
+fn validate(data: &Dataset, weights: &Weights, valid: &[Case], cfg: &TrainConfig) -> f64 {
+    metrics::evaluate(data, valid, cfg.seed, |history, scores| {
+        let mut state = weights.initial_state();
+        for &step in &history[history.len().saturating_sub(cfg.max_len)..] {
+            weights.advance(&mut state, step);
+        }
+        scores.clear();
+        scores.resize(weights.items() + 1, 0.0);
+        weights.score_into(&weights.query(&state), scores);
+    })
+    .ndcg
+}
