@@ -56,6 +56,12 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // candle's worker pool spins 25,000 times before parking; on a small
+    // machine the spinning takes the core the request path or the training
+    // loop's own threads need. Runs before any other thread exists.
+    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
+        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
+    }
     let settings = Settings::load(cli.config.as_deref())?;
     recd::telemetry::init_logging(settings.log_format);
     // Evaluation is CPU work from a file, with no store and no runtime.

@@ -91,12 +91,12 @@ fn the_network_learns_a_planted_order_that_popular_cannot() {
     for k in 0..PATTERNS {
         let a_then_b = steps(
             &snapshot,
-            &[format!("filler-1"), format!("pat-{k}-a"), format!("pat-{k}-b")],
+            &["filler-1".to_owned(), format!("pat-{k}-a"), format!("pat-{k}-b")],
         );
         assert_eq!(network_top(&snapshot, &a_then_b), format!("pat-{k}-c"), "after a, b");
         let b_then_a = steps(
             &snapshot,
-            &[format!("filler-2"), format!("pat-{k}-b"), format!("pat-{k}-a")],
+            &["filler-2".to_owned(), format!("pat-{k}-b"), format!("pat-{k}-a")],
         );
         assert_eq!(network_top(&snapshot, &b_then_a), format!("pat-{k}-d"), "after b, a");
     }

@@ -70,7 +70,10 @@ async fn ingest(State(state): State<AppState>, body: Result<Bytes, BytesRejectio
         }
     }
 
-    let accepted = state.store.insert_events(&valid, now).await?;
+    let accepted = state
+        .store
+        .insert_events_known(&valid, now, Some(&state.known_items))
+        .await?;
     let duplicates = valid.len() as u64 - accepted;
     metrics::counter!("recd_events_accepted_total").increment(accepted);
     metrics::counter!("recd_events_duplicate_total").increment(duplicates);

@@ -50,6 +50,8 @@ pub struct AppState {
     pub store: Store,
     pub settings: Arc<Settings>,
     pub metrics: PrometheusHandle,
+    /// Items this process has seen stored, so ingest skips their insert.
+    pub known_items: Arc<crate::store::KnownItems>,
     keys: Arc<auth::Keys>,
 }
 
@@ -60,6 +62,7 @@ impl AppState {
             store,
             settings: Arc::new(settings),
             metrics: crate::telemetry::metrics_handle(),
+            known_items: Arc::default(),
         }
     }
 }

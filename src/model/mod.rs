@@ -10,6 +10,7 @@ pub mod knn;
 pub mod metrics;
 pub mod net;
 pub mod ops;
+pub mod optim;
 pub mod snapshot;
 pub mod train;
 

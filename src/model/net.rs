@@ -7,7 +7,7 @@ use rand::distributions::{Distribution, WeightedIndex};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use super::ops::{LstmCell, SoftmaxCrossEntropy};
+use super::ops::{LstmLayer, SoftmaxCrossEntropy};
 use super::snapshot::{Weights, KINDS, PAD_KIND};
 
 /// A batch in time-major layout: position (t, b) is row t * B + b.
@@ -170,43 +170,56 @@ impl Network {
 
     /// Query vectors (N, dim) at the batch's target positions.
     pub fn queries(&self, batch: &Batch, drop: &Dropouts, rng: &mut StdRng) -> Result<Tensor> {
-        let dev = Device::Cpu;
-        let (t_len, b_len, h) = (batch.steps, batch.rows, self.hidden);
-        let items = Tensor::from_slice(&batch.items, t_len * b_len, &dev)?;
-        let kinds = Tensor::from_slice(&batch.kinds, t_len * b_len, &dev)?;
-        let x = (self.item_emb.index_select(&items, 0)? + self.kind_emb.index_select(&kinds, 0)?)?;
-        let x = dropout(&x, drop.embedding, rng)?;
-        // Input projections of every step in one product.
-        let xw = x
-            .matmul(&self.w_ih.t()?)?
-            .broadcast_add(&self.b)?
-            .reshape((t_len, b_len, 4 * h))?;
-        let w_hh_t = self.w_hh.t()?;
-        let mut hs = Vec::with_capacity(t_len);
-        let mut state_h = Tensor::zeros((b_len, h), DType::F32, &dev)?;
-        let mut state_c = Tensor::zeros((b_len, h), DType::F32, &dev)?;
-        for t in 0..t_len {
-            let pre = (xw.get(t)? + state_h.matmul(&w_hh_t)?)?;
-            let hc = pre.apply_op2(&state_c, LstmCell)?;
-            state_h = hc.narrow(1, 0, h)?.contiguous()?;
-            state_c = hc.narrow(1, h, h)?.contiguous()?;
-            hs.push(state_h.clone());
-        }
-        let hs = Tensor::cat(&hs, 0)?;
-        let positions = Tensor::from_slice(&batch.positions, batch.positions.len(), &dev)?;
-        let sel = dropout(&hs.index_select(&positions, 0)?, drop.hidden, rng)?;
-        sel.matmul(&self.proj.t()?)?.broadcast_add(&self.proj_b)
+        Ok(self.queries_and_rows(batch, &[], drop, rng)?.0)
     }
 
-    /// Cross-entropy of the next item over the whole catalogue.
+    /// The queries, and the embeddings of `extra` items taken in the same
+    /// gather: each gather's gradient is a catalogue-sized tensor, so one
+    /// instead of several saves whole passes over the table.
+    pub fn queries_and_rows(
+        &self,
+        batch: &Batch,
+        extra: &[u32],
+        drop: &Dropouts,
+        rng: &mut StdRng,
+    ) -> Result<(Tensor, Tensor)> {
+        let dev = Device::Cpu;
+        let (t_len, b_len, h) = (batch.steps, batch.rows, self.hidden);
+        let mut ids = Vec::with_capacity(batch.items.len() + extra.len());
+        ids.extend_from_slice(&batch.items);
+        ids.extend_from_slice(extra);
+        let all = self
+            .item_emb
+            .index_select(&Tensor::from_vec(ids, t_len * b_len + extra.len(), &dev)?, 0)?;
+        let rows = all.narrow(0, t_len * b_len, extra.len())?;
+        let kinds = Tensor::from_slice(&batch.kinds, t_len * b_len, &dev)?;
+        let x = (all.narrow(0, 0, t_len * b_len)? + self.kind_emb.index_select(&kinds, 0)?)?;
+        let x = dropout(&x, drop.embedding, rng)?;
+        // Input projections of every step in one product.
+        let xw = x.matmul(&self.w_ih.t()?)?.reshape((t_len, b_len, 4 * h))?;
+        let hs = xw
+            .apply_op3(self.w_hh.as_tensor(), self.b.as_tensor(), LstmLayer)?
+            .narrow(2, 0, h)?
+            .contiguous()?
+            .reshape((t_len * b_len, h))?;
+        let positions = Tensor::from_slice(&batch.positions, batch.positions.len(), &dev)?;
+        let sel = dropout(&hs.index_select(&positions, 0)?, drop.hidden, rng)?;
+        Ok((sel.matmul(&self.proj.t()?)?.broadcast_add(&self.proj_b)?, rows))
+    }
+
+    /// Cross-entropy of the next item over the whole catalogue. The item
+    /// bias rides along as one more embedding column against a constant 1,
+    /// which spares a catalogue-wide broadcast and its gradient.
     pub fn full_loss(&self, batch: &Batch, drop: &Dropouts, rng: &mut StdRng) -> Result<Tensor> {
         let q = self.queries(batch, drop, rng)?;
-        let emb = self.item_emb.narrow(0, 1, self.items)?;
-        let bias = self.item_bias.narrow(0, 1, self.items)?;
-        let logits = q.matmul(&emb.t()?)?.broadcast_add(&bias)?;
-        let targets: Vec<u32> = batch.targets.iter().map(|&t| t - 1).collect();
-        let targets = Tensor::from_vec(targets, batch.targets.len(), &Device::Cpu)?;
-        logits.apply_op2(&targets, SoftmaxCrossEntropy)
+        let ones = Tensor::ones((q.dim(0)?, 1), DType::F32, &Device::Cpu)?;
+        let q = Tensor::cat(&[&q, &ones], 1)?;
+        // Column 0 is the padding row: never a target, it only learns to
+        // score low, which costs less than slicing it off.
+        let out = Tensor::cat(&[self.item_emb.as_tensor(), &self.item_bias.unsqueeze(1)?], 1)?;
+        let logits = q.matmul(&out.t()?)?;
+        let targets = Tensor::from_slice(&batch.targets, batch.targets.len(), &Device::Cpu)?;
+        logits.apply_op2(&targets, SoftmaxCrossEntropy::default())
     }
 
     /// Sampled softmax: the target against negatives shared by the batch,
@@ -214,17 +227,20 @@ impl Network {
     /// target is masked.
     pub fn sampled_loss(&self, batch: &Batch, drop: &Dropouts, sampler: &Sampler, rng: &mut StdRng) -> Result<Tensor> {
         let dev = Device::Cpu;
-        let q = self.queries(batch, drop, rng)?;
         let n = batch.targets.len();
         let negs: Vec<u32> = (0..sampler.count).map(|_| sampler.dist.sample(rng) as u32).collect();
-        let tgt = Tensor::from_slice(&batch.targets, n, &dev)?;
-        let neg = Tensor::from_slice(&negs, negs.len(), &dev)?;
+        let mut wanted = batch.targets.clone();
+        wanted.extend_from_slice(&negs);
+        let (q, rows) = self.queries_and_rows(batch, &wanted, drop, rng)?;
+        let bias = self
+            .item_bias
+            .index_select(&Tensor::from_slice(&wanted, wanted.len(), &dev)?, 0)?;
         let log_q = |ids: &[u32]| ids.iter().map(|&i| sampler.log_q[i as usize]).collect::<Vec<f32>>();
-        let pos = (q.mul(&self.item_emb.index_select(&tgt, 0)?)?.sum(1)? + self.item_bias.index_select(&tgt, 0)?)?;
+        let pos = (q.mul(&rows.narrow(0, 0, n)?)?.sum(1)? + bias.narrow(0, 0, n)?)?;
         let pos = (pos - Tensor::from_vec(log_q(&batch.targets), n, &dev)?)?;
         let neg_logits = q
-            .matmul(&self.item_emb.index_select(&neg, 0)?.t()?)?
-            .broadcast_add(&self.item_bias.index_select(&neg, 0)?)?
+            .matmul(&rows.narrow(0, n, negs.len())?.t()?)?
+            .broadcast_add(&bias.narrow(0, n, negs.len())?)?
             .broadcast_sub(&Tensor::from_vec(log_q(&negs), negs.len(), &dev)?)?;
         let mut mask = vec![0f32; n * negs.len()];
         for (r, &t) in batch.targets.iter().enumerate() {
@@ -236,7 +252,7 @@ impl Network {
         }
         let neg_logits = (neg_logits + Tensor::from_vec(mask, (n, negs.len()), &dev)?)?;
         let logits = Tensor::cat(&[&pos.unsqueeze(1)?, &neg_logits], 1)?;
-        logits.apply_op2(&Tensor::zeros(n, DType::U32, &dev)?, SoftmaxCrossEntropy)
+        logits.apply_op2(&Tensor::zeros(n, DType::U32, &dev)?, SoftmaxCrossEntropy::default())
     }
 
     pub fn weights(&self) -> Result<Weights> {

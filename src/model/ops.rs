@@ -3,7 +3,7 @@
 //! cross-entropy (logits to mean loss, with the softmax-minus-one-hot
 //! gradient). Unfused, each is a dozen tensor ops with a fresh buffer apiece.
 
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
@@ -36,7 +36,9 @@ fn tanh(x: f32) -> f32 {
 #[inline]
 pub fn fast_exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    // Round to nearest by the 1.5 * 2^23 trick: `round()` is a libm call
+    // on baseline x86-64 and stops vectorisation.
+    let n = (x * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     let p = 1.0
         + r * (1.0 + r * (0.5 + r * (0.166_666_67 + r * (0.041_666_668 + r * (0.008_333_334 + r * 0.001_388_889)))));
@@ -44,98 +46,215 @@ pub fn fast_exp(x: f32) -> f32 {
     p * f32::from_bits(bits)
 }
 
-/// (pre-activations (B, 4H) in gate order i, f, g, o; previous cell (B, H))
-/// -> (B, 2H): the new hidden state, then the new cell state.
-pub struct LstmCell;
+/// A whole LSTM layer as one operation: (input projections (T, B, 4H),
+/// gates in the order i, f, g, o; recurrent weights (4H, H); bias (4H))
+/// -> (T, B, 6H): per step the hidden state, the cell state and the four
+/// activated gates, which the backward pass (through time, in plain Rust
+/// with one matrix product per step) reads back instead of recomputing.
+/// As separate candle ops, every step's slice of the input would send a
+/// full-size zero-padded gradient back: quadratic in the sequence length.
+pub struct LstmLayer;
 
-impl CustomOp2 for LstmCell {
+/// A row-major matrix operand: its rows x cols and whether the slice holds
+/// it transposed (cols x rows).
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    transposed: bool,
+}
+
+/// out (m x n, row-major) (+)= a (m x k) * b (k x n) on one thread, with the
+/// `gemm` crate (the kernels under candle's own matrix product) and none
+/// of a graph's allocations.
+fn gemm_into(m: usize, n: usize, k: usize, a: Mat<'_>, b: Mat<'_>, out: &mut [f32], accumulate: bool) {
+    assert!(
+        a.data.len() >= m * k && b.data.len() >= k * n && out.len() >= m * n,
+        "gemm: operand sizes"
+    );
+    let (a_rs, a_cs) = if a.transposed { (1, m as isize) } else { (k as isize, 1) };
+    let (b_rs, b_cs) = if b.transposed { (1, k as isize) } else { (n as isize, 1) };
+    // SAFETY: the sizes were checked above; the strides stay inside them.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a_cs,
+            a_rs,
+            b.data.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
+fn plain(data: &[f32]) -> Mat<'_> {
+    Mat {
+        data,
+        transposed: false,
+    }
+}
+
+fn transposed(data: &[f32]) -> Mat<'_> {
+    Mat { data, transposed: true }
+}
+
+impl CustomOp3 for LstmLayer {
     fn name(&self) -> &'static str {
-        "recd-lstm-cell"
+        "recd-lstm-layer"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (pre, c_prev) = (contiguous(s1, l1)?, contiguous(s2, l2)?);
-        let (b, h4) = l1.shape().dims2()?;
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let xw = contiguous(s1, l1)?;
+        let bias = contiguous(s3, l3)?;
+        let (t_len, b, h4) = l1.shape().dims3()?;
         let h = h4 / 4;
-        if l2.shape().dims2()? != (b, h) {
+        if l2.shape().dims2()? != (h4, h) || bias.len() != h4 {
             bail!(
-                "lstm cell: cell state shape {:?} for gates {:?}",
+                "lstm layer: weights {:?} and bias {:?} for inputs {:?}",
                 l2.shape(),
+                l3.shape(),
                 l1.shape()
             );
         }
-        let mut out = vec![0f32; b * 2 * h];
-        for r in 0..b {
-            let g = &pre[r * h4..(r + 1) * h4];
-            let cp = &c_prev[r * h..(r + 1) * h];
-            let (oh, oc) = out[r * 2 * h..(r + 1) * 2 * h].split_at_mut(h);
-            for k in 0..h {
-                let (i, f, gg, o) = (
-                    sigmoid(g[k]),
-                    sigmoid(g[h + k]),
-                    tanh(g[2 * h + k]),
-                    sigmoid(g[3 * h + k]),
-                );
-                let c = f * cp[k] + i * gg;
-                oc[k] = c;
-                oh[k] = o * tanh(c);
+        let w_hh = contiguous(s2, l2)?;
+        let w = 6 * h;
+        let mut out = vec![0f32; t_len * b * w];
+        let mut h_prev = vec![0f32; b * h];
+        let mut c_prev = vec![0f32; b * h];
+        let mut rec = vec![0f32; b * h4];
+        for t in 0..t_len {
+            for row in rec.chunks_exact_mut(h4) {
+                row.copy_from_slice(bias);
+            }
+            if t > 0 {
+                // bias + h_prev (B, H) x W_hh^T (H, 4H).
+                gemm_into(b, h4, h, plain(&h_prev), transposed(w_hh), &mut rec, true);
+            }
+            for r in 0..b {
+                let x = &xw[(t * b + r) * h4..(t * b + r + 1) * h4];
+                let g = &rec[r * h4..(r + 1) * h4];
+                let o = &mut out[(t * b + r) * w..(t * b + r + 1) * w];
+                for k in 0..h {
+                    let ig = sigmoid(x[k] + g[k]);
+                    let fg = sigmoid(x[h + k] + g[h + k]);
+                    let gg = tanh(x[2 * h + k] + g[2 * h + k]);
+                    let og = sigmoid(x[3 * h + k] + g[3 * h + k]);
+                    let c = fg * c_prev[r * h + k] + ig * gg;
+                    let hn = og * tanh(c);
+                    o[k] = hn;
+                    o[h + k] = c;
+                    o[2 * h + k] = ig;
+                    o[3 * h + k] = fg;
+                    o[4 * h + k] = gg;
+                    o[5 * h + k] = og;
+                    h_prev[r * h + k] = hn;
+                    c_prev[r * h + k] = c;
+                }
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((b, 2 * h))))
+        Ok((CpuStorage::F32(out), Shape::from((t_len, b, w))))
     }
 
     fn bwd(
         &self,
-        pre: &Tensor,
-        c_prev: &Tensor,
+        xw: &Tensor,
+        w_hh: &Tensor,
+        _bias: &Tensor,
         res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (b, h4) = pre.dims2()?;
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (t_len, b, h4) = xw.dims3()?;
         let h = h4 / 4;
-        let pre_v = pre.flatten_all()?.to_vec1::<f32>()?;
-        let cp_v = c_prev.flatten_all()?.to_vec1::<f32>()?;
-        let res_v = res.flatten_all()?.to_vec1::<f32>()?;
-        let grad_v = grad.flatten_all()?.to_vec1::<f32>()?;
-        let mut d_pre = vec![0f32; b * h4];
-        let mut d_cp = vec![0f32; b * h];
-        for r in 0..b {
-            let g = &pre_v[r * h4..(r + 1) * h4];
-            for k in 0..h {
-                let (i, f, gg, o) = (
-                    sigmoid(g[k]),
-                    sigmoid(g[h + k]),
-                    tanh(g[2 * h + k]),
-                    sigmoid(g[3 * h + k]),
+        let w = 6 * h;
+        let out = res.flatten_all()?.to_vec1::<f32>()?;
+        let grad = grad.flatten_all()?.to_vec1::<f32>()?;
+        let w_hh = w_hh.flatten_all()?.to_vec1::<f32>()?;
+        let mut d_xw = vec![0f32; t_len * b * h4];
+        // Previous hidden states, (T * B, H), for the recurrent weights' gradient.
+        let mut h_prevs = vec![0f32; t_len * b * h];
+        let mut dh_next = vec![0f32; b * h];
+        let mut dc_next = vec![0f32; b * h];
+        for t in (0..t_len).rev() {
+            for r in 0..b {
+                let o = &out[(t * b + r) * w..(t * b + r + 1) * w];
+                let gr = &grad[(t * b + r) * w..(t * b + r + 1) * w];
+                let prev = (t > 0).then(|| &out[((t - 1) * b + r) * w..((t - 1) * b + r + 1) * w]);
+                let d = &mut d_xw[(t * b + r) * h4..(t * b + r + 1) * h4];
+                for k in 0..h {
+                    let (c, i, f, g, og) = (o[h + k], o[2 * h + k], o[3 * h + k], o[4 * h + k], o[5 * h + k]);
+                    let (hp, cp) = prev.map_or((0.0, 0.0), |p| (p[k], p[h + k]));
+                    h_prevs[(t * b + r) * h + k] = hp;
+                    let tc = tanh(c);
+                    let dh = gr[k] + dh_next[r * h + k];
+                    let dc = gr[h + k] + dc_next[r * h + k] + dh * og * (1.0 - tc * tc);
+                    d[k] = dc * g * i * (1.0 - i);
+                    d[h + k] = dc * cp * f * (1.0 - f);
+                    d[2 * h + k] = dc * i * (1.0 - g * g);
+                    d[3 * h + k] = dh * tc * og * (1.0 - og);
+                    dc_next[r * h + k] = dc * f;
+                }
+            }
+            if t > 0 {
+                // d gates (B, 4H) x W_hh (4H, H).
+                gemm_into(
+                    b,
+                    h,
+                    h4,
+                    plain(&d_xw[t * b * h4..(t + 1) * b * h4]),
+                    plain(&w_hh),
+                    &mut dh_next,
+                    false,
                 );
-                let c = res_v[r * 2 * h + h + k];
-                let tc = tanh(c);
-                let dh = grad_v[r * 2 * h + k];
-                let dc = grad_v[r * 2 * h + h + k] + dh * o * (1.0 - tc * tc);
-                let dp = &mut d_pre[r * h4..(r + 1) * h4];
-                dp[k] = dc * gg * i * (1.0 - i);
-                dp[h + k] = dc * cp_v[r * h + k] * f * (1.0 - f);
-                dp[2 * h + k] = dc * i * (1.0 - gg * gg);
-                dp[3 * h + k] = dh * tc * o * (1.0 - o);
-                d_cp[r * h + k] = dc * f;
             }
         }
+        // d W_hh = sum over steps of d gates^T (4H, B) x h_prev (B, H).
+        let mut d_w_hh = vec![0f32; h4 * h];
+        gemm_into(h4, h, t_len * b, transposed(&d_xw), plain(&h_prevs), &mut d_w_hh, false);
+        let mut d_bias = vec![0f32; h4];
+        for row in d_xw.chunks_exact(h4) {
+            for (d, g) in d_bias.iter_mut().zip(row) {
+                *d += g;
+            }
+        }
+        let dev = xw.device();
         Ok((
-            Some(Tensor::from_vec(d_pre, (b, h4), pre.device())?),
-            Some(Tensor::from_vec(d_cp, (b, h), pre.device())?),
+            Some(Tensor::from_vec(d_xw, (t_len, b, h4), dev)?),
+            Some(Tensor::from_vec(d_w_hh, (h4, h), dev)?),
+            Some(Tensor::from_vec(d_bias, h4, dev)?),
         ))
     }
 }
 
-/// Runs `f` over row blocks of `rows` rows of width `width` on the machine's
-/// cores; `f(first_row, block)`.
-fn par_rows<T: Send>(out: &mut [T], width: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+/// Runs `f` over row blocks of `out` (rows of `width` elements) on the
+/// machine's cores when the work (`cost` element operations) is worth a
+/// thread; `f(first_row, block)`.
+fn par_rows<T: Send>(out: &mut [T], width: usize, cost: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     let rows = out.len() / width.max(1);
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
         .min(rows.max(1));
-    if threads <= 1 || out.len() < 1 << 16 {
+    if threads <= 1 || cost < 1 << 16 {
         f(0, out);
         return;
     }
@@ -149,8 +268,12 @@ fn par_rows<T: Send>(out: &mut [T], width: usize, f: impl Fn(usize, &mut [T]) + 
 }
 
 /// Mean softmax cross-entropy of logits (N, C) against target columns (N,
-/// u32). The backward pass is the fused softmax-minus-one-hot.
-pub struct SoftmaxCrossEntropy;
+/// u32). The backward pass is the fused softmax-minus-one-hot, reusing the
+/// forward pass's log-sum-exp per row.
+#[derive(Default)]
+pub struct SoftmaxCrossEntropy {
+    lse: std::sync::Mutex<Vec<f32>>,
+}
 
 impl CustomOp2 for SoftmaxCrossEntropy {
     fn name(&self) -> &'static str {
@@ -163,16 +286,18 @@ impl CustomOp2 for SoftmaxCrossEntropy {
         if targets.len() != n {
             bail!("cross-entropy: {} targets for {n} rows", targets.len());
         }
-        let mut losses = vec![0f32; n];
-        par_rows(&mut losses, 1, |first, block| {
-            for (k, loss) in block.iter_mut().enumerate() {
+        let mut lse = vec![0f32; n];
+        par_rows(&mut lse, 1, n * c, |first, block| {
+            for (k, lse) in block.iter_mut().enumerate() {
                 let r = first + k;
-                let row = &logits[r * c..(r + 1) * c];
-                let lse = log_sum_exp(row);
-                *loss = lse - row[targets[r] as usize];
+                *lse = log_sum_exp(&logits[r * c..(r + 1) * c]);
             }
         });
-        let mean = losses.iter().map(|&l| l as f64).sum::<f64>() / n.max(1) as f64;
+        let mean = (0..n)
+            .map(|r| (lse[r] - logits[r * c + targets[r] as usize]) as f64)
+            .sum::<f64>()
+            / n.max(1) as f64;
+        *self.lse.lock().expect("lse lock") = lse;
         Ok((CpuStorage::F32(vec![mean as f32]), Shape::from(())))
     }
 
@@ -185,19 +310,40 @@ impl CustomOp2 for SoftmaxCrossEntropy {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let n = logits.dims2()?.0;
         let scale = grad.to_scalar::<f32>()? / n.max(1) as f32;
-        let d = logits.apply_op2_no_bwd(targets, &SoftmaxGrad { scale })?;
+        let lse = std::mem::take(&mut *self.lse.lock().expect("lse lock"));
+        let d = logits.apply_op2_no_bwd(targets, &SoftmaxGrad { scale, lse })?;
         Ok((Some(d), None))
     }
 }
 
+/// log(sum(exp(row))), with eight running lanes so that the reductions
+/// vectorise (a plain float sum is sequential by the language's rules).
 fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f32 = row.iter().map(|&x| fast_exp(x - max)).sum();
+    let chunks = row.chunks_exact(8);
+    let rest = chunks.remainder();
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    for c in chunks.clone() {
+        for k in 0..8 {
+            lanes[k] = if c[k] > lanes[k] { c[k] } else { lanes[k] };
+        }
+    }
+    let max = rest
+        .iter()
+        .chain(&lanes)
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    let mut sums = [0f32; 8];
+    for c in chunks {
+        for k in 0..8 {
+            sums[k] += fast_exp(c[k] - max);
+        }
+    }
+    let sum = sums.iter().sum::<f32>() + rest.iter().map(|&x| fast_exp(x - max)).sum::<f32>();
     max + sum.ln()
 }
 
 struct SoftmaxGrad {
     scale: f32,
+    lse: Vec<f32>,
 }
 
 impl CustomOp2 for SoftmaxGrad {
@@ -209,11 +355,14 @@ impl CustomOp2 for SoftmaxGrad {
         let (logits, targets) = (contiguous(s1, l1)?, contiguous_u32(s2, l2)?);
         let (n, c) = l1.shape().dims2()?;
         let mut out = vec![0f32; n * c];
-        par_rows(&mut out, c, |first, block| {
+        par_rows(&mut out, c, n * c, |first, block| {
             for (k, d) in block.chunks_exact_mut(c).enumerate() {
                 let r = first + k;
                 let row = &logits[r * c..(r + 1) * c];
-                let lse = log_sum_exp(row);
+                let lse = match self.lse.get(r) {
+                    Some(&l) if self.lse.len() == n => l,
+                    _ => log_sum_exp(row),
+                };
                 for (d, &x) in d.iter_mut().zip(row) {
                     *d = fast_exp(x - lse) * self.scale;
                 }
@@ -242,7 +391,7 @@ mod tests {
         let dev = Device::Cpu;
         let logits = Var::from_tensor(&Tensor::randn(0f32, 2.0, (5, 7), &dev)?)?;
         let targets = Tensor::new(&[0u32, 3, 6, 2, 2], &dev)?;
-        let fused = logits.apply_op2(&targets, SoftmaxCrossEntropy)?;
+        let fused = logits.apply_op2(&targets, SoftmaxCrossEntropy::default())?;
         let plain = candle_nn::loss::cross_entropy(logits.as_tensor(), &targets)?;
         let (a, b) = (fused.to_scalar::<f32>()?, plain.to_scalar::<f32>()?);
         assert!((a - b).abs() < 1e-5);
@@ -252,23 +401,37 @@ mod tests {
             .max_all()?;
         assert!(diff.to_scalar::<f32>()? < 1e-5);
 
-        let pre = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 8), &dev)?)?;
-        let c = Var::from_tensor(&Tensor::randn(0f32, 1.0, (3, 2), &dev)?)?;
-        let fused = pre.apply_op2(c.as_tensor(), LstmCell)?;
-        let gate = |i: usize| pre.narrow(1, 2 * i, 2);
+        // The layer against the same recurrence in plain candle ops.
+        let (t_len, b, h) = (4, 3, 2);
+        let xw = Var::from_tensor(&Tensor::randn(0f32, 1.0, (t_len, b, 4 * h), &dev)?)?;
+        let w_hh = Var::from_tensor(&Tensor::randn(0f32, 0.5, (4 * h, h), &dev)?)?;
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 0.5, 4 * h, &dev)?)?;
+        let fused = xw
+            .apply_op3(w_hh.as_tensor(), bias.as_tensor(), LstmLayer)?
+            .narrow(2, 0, h)?;
         let s = candle_nn::ops::sigmoid;
-        let cn = ((s(&gate(1)?)? * c.as_tensor())? + (s(&gate(0)?)? * gate(2)?.tanh()?)?)?;
-        let hn = (s(&gate(3)?)? * cn.tanh()?)?;
-        let plain = Tensor::cat(&[&hn, &cn], 1)?;
+        let (mut hs, mut hp, mut cp) = (
+            Vec::new(),
+            Tensor::zeros((b, h), candle_core::DType::F32, &dev)?,
+            Tensor::zeros((b, h), candle_core::DType::F32, &dev)?,
+        );
+        for t in 0..t_len {
+            let pre = (xw.get(t)? + hp.matmul(&w_hh.t()?)?)?.broadcast_add(bias.as_tensor())?;
+            let gate = |i: usize| pre.narrow(1, i * h, h);
+            cp = ((s(&gate(1)?)? * &cp)? + (s(&gate(0)?)? * gate(2)?.tanh()?)?)?;
+            hp = (s(&gate(3)?)? * cp.tanh()?)?;
+            hs.push(hp.clone());
+        }
+        let plain = Tensor::stack(&hs, 0)?;
         assert!((fused.clone() - &plain)?.abs()?.max_all()?.to_scalar::<f32>()? < 1e-5);
-        let w = Tensor::randn(0f32, 1.0, (3, 4), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (t_len, b, h), &dev)?;
         let (ga, gb) = (
             (fused * &w)?.sum_all()?.backward()?,
             (plain * &w)?.sum_all()?.backward()?,
         );
-        for v in [&pre, &c] {
+        for v in [&xw, &w_hh, &bias] {
             let diff = (ga.get(v).unwrap() - gb.get(v).unwrap())?.abs()?.max_all()?;
-            assert!(diff.to_scalar::<f32>()? < 1e-4);
+            assert!(diff.to_scalar::<f32>()? < 1e-4, "{diff}");
         }
         Ok(())
     }

@@ -392,7 +392,7 @@ impl ModelSnapshot {
                 .collect())
         };
         let n = item_ids.len() + 1;
-        let weights = if tensors.names().iter().any(|name| *name == "item_emb") {
+        let weights = if tensors.names().contains(&"item_emb") {
             let shape = tensors.tensor("item_emb")?.shape().to_vec();
             let dim = shape[1];
             let hidden = tensors.tensor("lstm.w_hh")?.shape()[1];

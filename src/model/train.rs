@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::ParamsAdamW;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::data::{Case, Dataset, Step};
 use super::metrics;
 use super::net::{Batch, Dropouts, Network, Sampler};
+use super::optim::AdamW;
 use super::snapshot::Weights;
 
 /// Every knob of a training; `recd eval --config` and the service's
@@ -58,15 +59,15 @@ impl Default for TrainConfig {
             hidden: 64,
             max_len: 50,
             batch_size: 128,
-            learning_rate: 1e-3,
+            learning_rate: 2e-3,
             weight_decay: 0.0,
             embedding_dropout: 0.3,
             hidden_dropout: 0.1,
             max_epochs: 60,
             patience: 4,
             max_train_seconds: 240.0,
-            full_softmax_max_items: 30_000,
-            negatives: 1024,
+            full_softmax_max_items: 10_000,
+            negatives: 2048,
             negative_alpha: 0.5,
             validation_cases: 5_000,
             train_on_repeats: false,
@@ -153,7 +154,7 @@ pub fn train(
             weight_decay: cfg.weight_decay,
             ..ParamsAdamW::default()
         },
-    )?;
+    );
     let sampled = data.items() > cfg.full_softmax_max_items;
     let sampler = if sampled {
         Some(Sampler::new(popularity, cfg.negative_alpha, cfg.negatives)?)

@@ -86,6 +86,33 @@ pub struct Item {
     pub attributes: Map<String, Value>,
 }
 
+/// Item ids known to exist in the catalogue, remembered by one process to
+/// spare the catalogue insert of each event batch. Bounded: past the limit
+/// it starts over, which only costs a few redundant inserts.
+#[derive(Debug, Default)]
+pub struct KnownItems {
+    ids: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+const KNOWN_ITEMS_MAX: usize = 1_000_000;
+
+impl KnownItems {
+    /// The ids among `ids` not known yet.
+    pub fn unknown<'a>(&self, ids: &[&'a str]) -> Vec<&'a str> {
+        let known = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        ids.iter().copied().filter(|id| !known.contains(*id)).collect()
+    }
+
+    /// Call only once the rows are committed.
+    pub fn remember(&self, ids: &[&str]) {
+        let mut known = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        if known.len() + ids.len() > KNOWN_ITEMS_MAX {
+            known.clear();
+        }
+        known.extend(ids.iter().map(|id| (*id).to_owned()));
+    }
+}
+
 /// Pool figures for `/metrics`.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolStats {
@@ -169,6 +196,18 @@ impl Store {
     /// batch). Items the events name are added to the catalogue if missing.
     /// Returns only once the rows are committed.
     pub async fn insert_events(&self, events: &[NewEvent], now_ms: i64) -> Result<u64> {
+        self.insert_events_known(events, now_ms, None).await
+    }
+
+    /// As `insert_events`, skipping the catalogue insert for items `known`
+    /// says exist (items are never removed, only marked deleted, so once
+    /// seen they stay); most batches then write one statement, not two.
+    pub async fn insert_events_known(
+        &self,
+        events: &[NewEvent],
+        now_ms: i64,
+        known: Option<&KnownItems>,
+    ) -> Result<u64> {
         if events.is_empty() {
             return Ok(0);
         }
@@ -176,10 +215,20 @@ impl Store {
         let mut item_ids: Vec<&str> = events.iter().map(|e| e.item_id.as_str()).collect();
         item_ids.sort_unstable();
         item_ids.dedup();
+        if let Some(known) = known {
+            item_ids = known.unknown(&item_ids);
+        }
+        let inserted = self.write_events(events, &item_ids, now_ms).await?;
+        if let Some(known) = known {
+            known.remember(&item_ids);
+        }
+        Ok(inserted)
+    }
+
+    async fn write_events(&self, events: &[NewEvent], item_ids: &[&str], now_ms: i64) -> Result<u64> {
         match self {
             Store::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
-                let inserted = sqlx::query(
+                let insert = sqlx::query(
                     "INSERT INTO events (event_id, user_id, item_id, kind, value, ts, session_id, recommendation_id, received_at)
                      SELECT e.*, $9 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int2[], $5::float8[], $6::int8[], $7::text[], $8::text[]) AS e
                      ON CONFLICT (event_id) DO NOTHING",
@@ -192,15 +241,19 @@ impl Store {
                 .bind(events.iter().map(|e| e.ts).collect::<Vec<_>>())
                 .bind(events.iter().map(|e| e.session_id.as_deref()).collect::<Vec<_>>())
                 .bind(events.iter().map(|e| e.recommendation_id.as_deref()).collect::<Vec<_>>())
-                .bind(now_ms)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                .bind(now_ms);
+                if item_ids.is_empty() {
+                    // One statement is its own transaction: no BEGIN and
+                    // COMMIT round trips.
+                    return Ok(insert.execute(pool).await?.rows_affected());
+                }
+                let mut tx = pool.begin().await?;
+                let inserted = insert.execute(&mut *tx).await?.rows_affected();
                 sqlx::query(
                     "INSERT INTO items (item_id, updated_at) SELECT id, $2 FROM UNNEST($1::text[]) AS id
                      ON CONFLICT (item_id) DO NOTHING",
                 )
-                .bind(&item_ids)
+                .bind(item_ids)
                 .bind(now_ms)
                 .execute(&mut *tx)
                 .await?;

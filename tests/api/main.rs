@@ -8,4 +8,5 @@ mod items;
 mod ops;
 mod process;
 mod store_down;
+mod training;
 mod users;
