@@ -198,9 +198,7 @@ impl Network {
         // Input projections of every step in one product.
         let xw = x.matmul(&self.w_ih.t()?)?.reshape((t_len, b_len, 4 * h))?;
         let hs = xw
-            .apply_op3(self.w_hh.as_tensor(), self.b.as_tensor(), LstmLayer)?
-            .narrow(2, 0, h)?
-            .contiguous()?
+            .apply_op3(self.w_hh.as_tensor(), self.b.as_tensor(), LstmLayer::default())?
             .reshape((t_len * b_len, h))?;
         let positions = Tensor::from_slice(&batch.positions, batch.positions.len(), &dev)?;
         let sel = dropout(&hs.index_select(&positions, 0)?, drop.hidden, rng)?;

@@ -48,12 +48,17 @@ pub fn fast_exp(x: f32) -> f32 {
 
 /// A whole LSTM layer as one operation: (input projections (T, B, 4H),
 /// gates in the order i, f, g, o; recurrent weights (4H, H); bias (4H))
-/// -> (T, B, 6H): per step the hidden state, the cell state and the four
-/// activated gates, which the backward pass (through time, in plain Rust
-/// with one matrix product per step) reads back instead of recomputing.
+/// -> (T, B, H): the hidden state of every step. The cell states and the
+/// activated gates stay with the operation for the backward pass (through
+/// time, in plain Rust with one matrix product per step), which reads them
+/// back instead of recomputing.
 /// As separate candle ops, every step's slice of the input would send a
 /// full-size zero-padded gradient back: quadratic in the sequence length.
-pub struct LstmLayer;
+#[derive(Default)]
+pub struct LstmLayer {
+    /// (T, B, 6H): per step h, c and the gates i, f, g, o.
+    saved: std::sync::Mutex<Vec<f32>>,
+}
 
 /// A row-major matrix operand: its rows x cols and whether the slice holds
 /// it transposed (cols x rows).
@@ -172,7 +177,9 @@ impl CustomOp3 for LstmLayer {
                 }
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((t_len, b, w))))
+        let hidden: Vec<f32> = out.chunks_exact(w).flat_map(|row| row[..h].iter().copied()).collect();
+        *self.saved.lock().expect("lstm cache") = out;
+        Ok((CpuStorage::F32(hidden), Shape::from((t_len, b, h))))
     }
 
     fn bwd(
@@ -180,13 +187,17 @@ impl CustomOp3 for LstmLayer {
         xw: &Tensor,
         w_hh: &Tensor,
         _bias: &Tensor,
-        res: &Tensor,
+        _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (t_len, b, h4) = xw.dims3()?;
         let h = h4 / 4;
         let w = 6 * h;
-        let out = res.flatten_all()?.to_vec1::<f32>()?;
+        let saved = self.saved.lock().expect("lstm cache");
+        let out: &[f32] = &saved;
+        if out.len() != t_len * b * w {
+            bail!("lstm layer: backward without its forward pass");
+        }
         let grad = grad.flatten_all()?.to_vec1::<f32>()?;
         let w_hh = w_hh.flatten_all()?.to_vec1::<f32>()?;
         let mut d_xw = vec![0f32; t_len * b * h4];
@@ -197,7 +208,7 @@ impl CustomOp3 for LstmLayer {
         for t in (0..t_len).rev() {
             for r in 0..b {
                 let o = &out[(t * b + r) * w..(t * b + r + 1) * w];
-                let gr = &grad[(t * b + r) * w..(t * b + r + 1) * w];
+                let gr = &grad[(t * b + r) * h..(t * b + r + 1) * h];
                 let prev = (t > 0).then(|| &out[((t - 1) * b + r) * w..((t - 1) * b + r + 1) * w]);
                 let d = &mut d_xw[(t * b + r) * h4..(t * b + r + 1) * h4];
                 for k in 0..h {
@@ -206,7 +217,7 @@ impl CustomOp3 for LstmLayer {
                     h_prevs[(t * b + r) * h + k] = hp;
                     let tc = tanh(c);
                     let dh = gr[k] + dh_next[r * h + k];
-                    let dc = gr[h + k] + dc_next[r * h + k] + dh * og * (1.0 - tc * tc);
+                    let dc = dc_next[r * h + k] + dh * og * (1.0 - tc * tc);
                     d[k] = dc * g * i * (1.0 - i);
                     d[h + k] = dc * cp * f * (1.0 - f);
                     d[2 * h + k] = dc * i * (1.0 - g * g);
@@ -406,9 +417,7 @@ mod tests {
         let xw = Var::from_tensor(&Tensor::randn(0f32, 1.0, (t_len, b, 4 * h), &dev)?)?;
         let w_hh = Var::from_tensor(&Tensor::randn(0f32, 0.5, (4 * h, h), &dev)?)?;
         let bias = Var::from_tensor(&Tensor::randn(0f32, 0.5, 4 * h, &dev)?)?;
-        let fused = xw
-            .apply_op3(w_hh.as_tensor(), bias.as_tensor(), LstmLayer)?
-            .narrow(2, 0, h)?;
+        let fused = xw.apply_op3(w_hh.as_tensor(), bias.as_tensor(), LstmLayer::default())?;
         let s = candle_nn::ops::sigmoid;
         let (mut hs, mut hp, mut cp) = (
             Vec::new(),
