@@ -166,3 +166,114 @@ fn tiny_data_gives_an_error_or_a_popular_snapshot() {
     snapshot.score_user(&[], None, &mut scores);
     assert_eq!(top_n(&scores, 5, |_| false), [(1, scores[1])]);
 }
+
+/// `recd eval --json` on a CSV prints one object with exactly the promised
+/// keys; without `--json`, a table; a missing file is a clear error.
+#[test]
+fn recd_eval_prints_the_promised_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.csv");
+    let mut csv = String::from("user_id,item_id,type,value,timestamp\n");
+    for row in planted_shop(80, 4) {
+        csv.push_str(&format!(
+            "{},{},view,,{}\n",
+            row.user_id,
+            row.item_id,
+            recd::ingest::format_timestamp(row.timestamp_ms)
+        ));
+    }
+    std::fs::write(&path, csv).unwrap();
+    let run = |json: bool| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_recd"));
+        cmd.args(["eval", "--events"])
+            .arg(&path)
+            .env("RECD_TRAIN__MAX_EPOCHS", "2")
+            .env("RECD_TRAIN__DIM", "8")
+            .env("RECD_TRAIN__HIDDEN", "8");
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(true);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let keys = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(
+        keys(&report),
+        ["data", "epochs", "item_knn", "model", "popular", "train_seconds"]
+    );
+    assert_eq!(keys(&report["data"]), ["events", "items", "test_users", "users"]);
+    for method in ["model", "popular", "item_knn"] {
+        assert_eq!(
+            keys(&report[method]),
+            ["hr@10", "ndcg@10", "sampled_hr@10", "sampled_ndcg@10"]
+        );
+    }
+    assert_eq!(report["data"]["users"], 80);
+    assert!(report["epochs"].as_u64().unwrap() <= 2);
+
+    let table = run(false);
+    assert!(table.status.success());
+    assert!(String::from_utf8_lossy(&table.stdout).contains("item-kNN"));
+
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_recd"))
+        .args(["eval", "--events", "/nonexistent/events.csv"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/events.csv"));
+}
+
+/// `recd import` then `recd train` on an SQLite store: the snapshot lands
+/// in the store and loads back; an empty store is a clear error.
+#[tokio::test]
+async fn recd_train_saves_a_snapshot_in_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("recd.db").display());
+    let recd = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_recd"))
+            .args(args)
+            .env("RECD_DATABASE_URL", &url)
+            .env("RECD_TRAIN__MAX_EPOCHS", "2")
+            .env("RECD_TRAIN__DIM", "8")
+            .env("RECD_TRAIN__HIDDEN", "8")
+            .output()
+            .unwrap()
+    };
+    let empty = recd(&["train"]);
+    assert!(!empty.status.success());
+    assert!(
+        String::from_utf8_lossy(&empty.stderr).contains("no events"),
+        "{}",
+        String::from_utf8_lossy(&empty.stderr)
+    );
+
+    let path = dir.path().join("events.csv");
+    let mut csv = String::from("user_id,item_id,type,value,timestamp\n");
+    for row in planted_shop(60, 5) {
+        csv.push_str(&format!(
+            "{},{},view,,{}\n",
+            row.user_id,
+            row.item_id,
+            recd::ingest::format_timestamp(row.timestamp_ms)
+        ));
+    }
+    std::fs::write(&path, csv).unwrap();
+    assert!(recd(&["import", "--events", path.to_str().unwrap()]).status.success());
+    let out = recd(&["train"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("saved snapshot"));
+
+    let store = recd::store::Store::open(&url, &Default::default()).await.unwrap();
+    let (version, bytes) = store.latest_snapshot().await.unwrap().expect("a snapshot");
+    let snapshot = ModelSnapshot::from_bytes(&bytes).unwrap();
+    assert_eq!(snapshot.meta.version, version);
+    assert_eq!(snapshot.meta.users, 60);
+    assert!(snapshot.item_index("pat-0-c").is_some());
+    store.close().await;
+}
