@@ -95,6 +95,21 @@ async fn recd_ingest(url: &str, bodies: Arc<Vec<String>>, connections: usize) ->
     Ok(accepted as f64 / seconds)
 }
 
+/// recd's own CPU per event outside the store: parse a body and validate
+/// every event in it, on one core.
+fn parse_and_validate(bodies: &[String]) -> f64 {
+    let started = Instant::now();
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut events = 0usize;
+    for body in bodies {
+        let doc: Value = serde_json::from_str(body).expect("bench bodies are JSON");
+        for raw in doc["events"].as_array().expect("an events array") {
+            events += usize::from(recd::ingest::validate_event(raw, now).is_ok());
+        }
+    }
+    events as f64 / started.elapsed().as_secs_f64()
+}
+
 /// pgbench runs recd's insert shape (500 rows set-based into the events
 /// table with its unique event id and indexes) from `connections` clients.
 fn pgbench_insert(url: &str, events: usize, connections: usize) -> anyhow::Result<f64> {
@@ -181,7 +196,10 @@ async fn main() -> anyhow::Result<()> {
         sqlx::query("TRUNCATE events").execute(pool).await?;
     }
     let run = format!("pg{}", chrono::Utc::now().timestamp_millis());
-    let rate = recd_ingest(&pg, Arc::new(bodies(events, &run)), connections).await?;
+    let pg_bodies = Arc::new(bodies(events, &run));
+    let rate = parse_and_validate(&pg_bodies);
+    println!("recd parse + validate only:   {rate:>10.0} events/s (one core, no HTTP, no store)");
+    let rate = recd_ingest(&pg, pg_bodies, connections).await?;
     println!("recd on Postgres:             {rate:>10.0} events/s");
     if let Store::Postgres(pool) = &admin {
         sqlx::query("TRUNCATE events").execute(pool).await?;
