@@ -7,7 +7,7 @@ use rand::distributions::{Distribution, WeightedIndex};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use super::ops::{LstmLayer, SoftmaxCrossEntropy};
+use super::ops::{BiasedSoftmaxCrossEntropy, LstmLayer, SoftmaxCrossEntropy};
 use super::snapshot::{Weights, KINDS, PAD_KIND};
 
 /// A batch in time-major layout: position (t, b) is row t * B + b.
@@ -205,19 +205,19 @@ impl Network {
         Ok((sel.matmul(&self.proj.t()?)?.broadcast_add(&self.proj_b)?, rows))
     }
 
-    /// Cross-entropy of the next item over the whole catalogue. The item
-    /// bias rides along as one more embedding column against a constant 1,
-    /// which spares a catalogue-wide broadcast and its gradient.
+    /// Cross-entropy of the next item over the whole catalogue, the item
+    /// bias added inside the fused operation.
     pub fn full_loss(&self, batch: &Batch, drop: &Dropouts, rng: &mut StdRng) -> Result<Tensor> {
         let q = self.queries(batch, drop, rng)?;
-        let ones = Tensor::ones((q.dim(0)?, 1), DType::F32, &Device::Cpu)?;
-        let q = Tensor::cat(&[&q, &ones], 1)?;
         // Column 0 is the padding row: never a target, it only learns to
         // score low, which costs less than slicing it off.
-        let out = Tensor::cat(&[self.item_emb.as_tensor(), &self.item_bias.unsqueeze(1)?], 1)?;
-        let logits = q.matmul(&out.t()?)?;
+        let logits = q.matmul(&self.item_emb.t()?)?;
         let targets = Tensor::from_slice(&batch.targets, batch.targets.len(), &Device::Cpu)?;
-        logits.apply_op2(&targets, SoftmaxCrossEntropy::default())
+        logits.apply_op3(
+            self.item_bias.as_tensor(),
+            &targets,
+            BiasedSoftmaxCrossEntropy::default(),
+        )
     }
 
     /// Sampled softmax: the target against negatives shared by the batch,

@@ -327,6 +327,122 @@ impl CustomOp2 for SoftmaxCrossEntropy {
     }
 }
 
+/// Mean softmax cross-entropy of (logits (N, C) + bias (C)) against target
+/// columns (N, u32): the catalogue bias enters here, so no catalogue-sized
+/// broadcast or concatenation is built for it. The backward pass gives the
+/// logits' gradient and the bias's (its column sums) in one pass.
+#[derive(Default)]
+pub struct BiasedSoftmaxCrossEntropy {
+    lse: std::sync::Mutex<Vec<f32>>,
+}
+
+impl CustomOp3 for BiasedSoftmaxCrossEntropy {
+    fn name(&self) -> &'static str {
+        "recd-biased-softmax-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (logits, bias, targets) = (contiguous(s1, l1)?, contiguous(s2, l2)?, contiguous_u32(s3, l3)?);
+        let (n, c) = l1.shape().dims2()?;
+        if targets.len() != n || bias.len() != c {
+            bail!(
+                "cross-entropy: {} targets and {} biases for {n} x {c} logits",
+                targets.len(),
+                bias.len()
+            );
+        }
+        let mut lse = vec![0f32; n];
+        par_rows(&mut lse, 1, n * c, |first, block| {
+            let mut row = vec![0f32; c];
+            for (k, lse) in block.iter_mut().enumerate() {
+                let r = first + k;
+                for ((o, &x), &b) in row.iter_mut().zip(&logits[r * c..(r + 1) * c]).zip(bias) {
+                    *o = x + b;
+                }
+                *lse = log_sum_exp(&row);
+            }
+        });
+        let mean = (0..n)
+            .map(|r| {
+                let t = targets[r] as usize;
+                (lse[r] - logits[r * c + t] - bias[t]) as f64
+            })
+            .sum::<f64>()
+            / n.max(1) as f64;
+        *self.lse.lock().expect("lse lock") = lse;
+        Ok((CpuStorage::F32(vec![mean as f32]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        bias: &Tensor,
+        targets: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let n = logits.dims2()?.0;
+        let scale = grad.to_scalar::<f32>()? / n.max(1) as f32;
+        let lse = std::mem::take(&mut *self.lse.lock().expect("lse lock"));
+        // Rows 0..N: the logits' gradient; row N: the bias's.
+        let both = logits.apply_op3_no_bwd(bias, targets, &BiasedSoftmaxGrad { scale, lse })?;
+        Ok((Some(both.narrow(0, 0, n)?), Some(both.get(n)?), None))
+    }
+}
+
+struct BiasedSoftmaxGrad {
+    scale: f32,
+    lse: Vec<f32>,
+}
+
+impl CustomOp3 for BiasedSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "recd-biased-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (logits, bias, targets) = (contiguous(s1, l1)?, contiguous(s2, l2)?, contiguous_u32(s3, l3)?);
+        let (n, c) = l1.shape().dims2()?;
+        if self.lse.len() != n {
+            bail!("cross-entropy backward without its forward pass");
+        }
+        let mut out = vec![0f32; (n + 1) * c];
+        let (rows, bias_grad) = out.split_at_mut(n * c);
+        par_rows(rows, c, n * c, |first, block| {
+            for (k, d) in block.chunks_exact_mut(c).enumerate() {
+                let r = first + k;
+                let lse = self.lse[r];
+                for ((d, &x), &b) in d.iter_mut().zip(&logits[r * c..(r + 1) * c]).zip(bias) {
+                    *d = fast_exp(x + b - lse) * self.scale;
+                }
+                d[targets[r] as usize] -= self.scale;
+            }
+        });
+        for row in rows.chunks_exact(c) {
+            for (g, d) in bias_grad.iter_mut().zip(row) {
+                *g += d;
+            }
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n + 1, c))))
+    }
+}
+
 /// log(sum(exp(row))), with eight running lanes so that the reductions
 /// vectorise (a plain float sum is sequential by the language's rules).
 fn log_sum_exp(row: &[f32]) -> f32 {
@@ -411,6 +527,17 @@ mod tests {
             .abs()?
             .max_all()?;
         assert!(diff.to_scalar::<f32>()? < 1e-5);
+
+        // With the bias inside the operation.
+        let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, 7, &dev)?)?;
+        let fused = logits.apply_op3(bias.as_tensor(), &targets, BiasedSoftmaxCrossEntropy::default())?;
+        let plain = candle_nn::loss::cross_entropy(&logits.broadcast_add(bias.as_tensor())?, &targets)?;
+        assert!((fused.to_scalar::<f32>()? - plain.to_scalar::<f32>()?).abs() < 1e-5);
+        let (ga, gb) = (fused.backward()?, plain.backward()?);
+        for v in [&logits, &bias] {
+            let diff = (ga.get(v).unwrap() - gb.get(v).unwrap())?.abs()?.max_all()?;
+            assert!(diff.to_scalar::<f32>()? < 1e-5);
+        }
 
         // The layer against the same recurrence in plain candle ops.
         let (t_len, b, h) = (4, 3, 2);

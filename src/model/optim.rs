@@ -36,17 +36,33 @@ impl AdamW {
         let decay = 1.0 - (p.lr * p.weight_decay) as f32;
         for (var, m, v) in &mut self.vars {
             let Some(g) = grads.get(var) else { continue };
-            let g = g.flatten_all()?.to_vec1::<f32>()?;
-            let mut theta = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            for (((t, m), v), g) in theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(&g) {
-                *m = b1 * *m + (1.0 - b1) * g;
-                *v = b2 * *v + (1.0 - b2) * g * g;
-                *t = *t * decay - lr * (*m * scale_m) / ((*v * scale_v).sqrt() + eps);
-            }
+            let theta = with_f32s(g, |g| {
+                with_f32s(var.as_tensor(), |theta| {
+                    let mut next = Vec::with_capacity(theta.len());
+                    for (((t, m), v), g) in theta.iter().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                        *m = b1 * *m + (1.0 - b1) * g;
+                        *v = b2 * *v + (1.0 - b2) * g * g;
+                        next.push(t * decay - lr * (*m * scale_m) / ((*v * scale_v).sqrt() + eps));
+                    }
+                    next
+                })
+            })??;
             var.set(&Tensor::from_vec(theta, var.shape(), var.device())?)?;
         }
         Ok(())
     }
+}
+
+/// Runs `f` on a tensor's f32 values in place when they are contiguous in
+/// CPU memory (no copy), on a copy otherwise.
+fn with_f32s<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    {
+        let (storage, layout) = t.storage_and_layout();
+        if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
+            return Ok(f(&cpu.as_slice::<f32>()?[start..end]));
+        }
+    }
+    Ok(f(&t.flatten_all()?.to_vec1::<f32>()?))
 }
 
 #[cfg(test)]
