@@ -48,6 +48,18 @@ fn planted_shop(users: usize, seed: u64) -> Vec<EventRow> {
     rows
 }
 
+/// The rows as the events CSV that `recd import` and `recd eval` read.
+fn write_events_csv(dir: &std::path::Path, rows: &[EventRow]) -> std::path::PathBuf {
+    let path = dir.join("events.csv");
+    let mut csv = String::from("user_id,item_id,type,value,timestamp\n");
+    for row in rows {
+        let ts = recd::ingest::format_timestamp(row.timestamp_ms);
+        csv.push_str(&format!("{},{},view,,{ts}\n", row.user_id, row.item_id));
+    }
+    std::fs::write(&path, csv).unwrap();
+    path
+}
+
 fn small_config() -> TrainConfig {
     TrainConfig {
         dim: 16,
@@ -172,17 +184,7 @@ fn tiny_data_gives_an_error_or_a_popular_snapshot() {
 #[test]
 fn recd_eval_prints_the_promised_json() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("events.csv");
-    let mut csv = String::from("user_id,item_id,type,value,timestamp\n");
-    for row in planted_shop(80, 4) {
-        csv.push_str(&format!(
-            "{},{},view,,{}\n",
-            row.user_id,
-            row.item_id,
-            recd::ingest::format_timestamp(row.timestamp_ms)
-        ));
-    }
-    std::fs::write(&path, csv).unwrap();
+    let path = write_events_csv(dir.path(), &planted_shop(80, 4));
     let run = |json: bool| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_recd"));
         cmd.args(["eval", "--events"])
@@ -253,17 +255,7 @@ async fn recd_train_saves_a_snapshot_in_the_store() {
         String::from_utf8_lossy(&empty.stderr)
     );
 
-    let path = dir.path().join("events.csv");
-    let mut csv = String::from("user_id,item_id,type,value,timestamp\n");
-    for row in planted_shop(60, 5) {
-        csv.push_str(&format!(
-            "{},{},view,,{}\n",
-            row.user_id,
-            row.item_id,
-            recd::ingest::format_timestamp(row.timestamp_ms)
-        ));
-    }
-    std::fs::write(&path, csv).unwrap();
+    let path = write_events_csv(dir.path(), &planted_shop(60, 5));
     assert!(recd(&["import", "--events", path.to_str().unwrap()]).status.success());
     let out = recd(&["train"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -122,15 +122,17 @@ impl Split {
         }
         split
     }
+}
 
-    /// Everything is training data (a retrain that serves what it learned
-    /// from every event); no held-out cases.
-    pub fn everything(data: &Dataset) -> Self {
-        Split {
-            train_len: data.sequences.iter().map(Vec::len).collect(),
-            ..Split::default()
-        }
+/// At most `max` of `cases`, a sample drawn with `rng` when there are more.
+pub fn sample_cases(cases: &[Case], max: usize, rng: &mut rand::rngs::StdRng) -> Vec<Case> {
+    use rand::seq::SliceRandom;
+    let mut cases = cases.to_vec();
+    if cases.len() > max {
+        cases.shuffle(rng);
+        cases.truncate(max);
     }
+    cases
 }
 
 /// Reads the events CSV of ../shared/data (`user_id,item_id,type,value,timestamp`).

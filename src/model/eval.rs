@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::data::{Case, Dataset, EventRow, Split};
+use super::data::{sample_cases, Case, Dataset, EventRow, Split};
 use super::knn::Neighbours;
 use super::metrics::{self, Metrics};
 use super::snapshot::{ModelSnapshot, SnapshotMeta, Weights};
@@ -77,13 +77,7 @@ fn blended<'a>(
     max_len: usize,
 ) -> impl Fn(&[super::data::Step], &mut Vec<f32>) + Sync + 'a {
     move |history, scores| {
-        let mut state = weights.initial_state();
-        for &step in &history[history.len().saturating_sub(max_len)..] {
-            weights.advance(&mut state, step);
-        }
-        scores.clear();
-        scores.resize(weights.items() + 1, 0.0);
-        weights.score_into(&weights.query(&state), scores);
+        weights.score_history(history, max_len, scores);
         if knn_weight > 0.0 {
             knn.add_scores(history, knn_weight, scores);
         }
@@ -125,25 +119,16 @@ pub fn train_and_evaluate(
     let knn_train = Neighbours::build(data.items(), prefixes(data, &split.train_len), cfg.neighbours);
     let knn = Neighbours::build(data.items(), prefixes(data, &but_test), cfg.neighbours);
 
-    let trained = match train(
+    let trained = train(
         data,
         &split.train_len,
         &counts(data, &split.train_len),
         &split.valid,
         cfg,
         progress,
-    ) {
-        Ok(t) => Some(t),
-        Err(e) if e.to_string().starts_with("no user has two events") => None,
-        Err(e) => return Err(e),
-    };
-    let mut valid = split.valid.clone();
-    if valid.len() > cfg.validation_cases {
-        use rand::seq::SliceRandom;
-        use rand::SeedableRng;
-        valid.shuffle(&mut rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x5eed));
-        valid.truncate(cfg.validation_cases);
-    }
+    )?;
+    let mut rng = rand::SeedableRng::seed_from_u64(cfg.seed ^ 0x5eed);
+    let valid = sample_cases(&split.valid, cfg.validation_cases, &mut rng);
     let knn_weight = match &trained {
         Some(t) if !valid.is_empty() => choose_knn_weight(data, &t.weights, &knn_train, &valid, cfg),
         _ => 0.0,

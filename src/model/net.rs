@@ -7,7 +7,7 @@ use rand::distributions::{Distribution, WeightedIndex};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use super::ops::{BiasedSoftmaxCrossEntropy, LstmLayer, SoftmaxCrossEntropy};
+use super::ops::{LstmLayer, SoftmaxCrossEntropy};
 use super::snapshot::{Weights, KINDS, PAD_KIND};
 
 /// A batch in time-major layout: position (t, b) is row t * B + b.
@@ -213,11 +213,7 @@ impl Network {
         // score low, which costs less than slicing it off.
         let logits = q.matmul(&self.item_emb.t()?)?;
         let targets = Tensor::from_slice(&batch.targets, batch.targets.len(), &Device::Cpu)?;
-        logits.apply_op3(
-            self.item_bias.as_tensor(),
-            &targets,
-            BiasedSoftmaxCrossEntropy::default(),
-        )
+        logits.apply_op3(self.item_bias.as_tensor(), &targets, SoftmaxCrossEntropy::default())
     }
 
     /// Sampled softmax: the target against negatives shared by the batch,
@@ -250,7 +246,12 @@ impl Network {
         }
         let neg_logits = (neg_logits + Tensor::from_vec(mask, (n, negs.len()), &dev)?)?;
         let logits = Tensor::cat(&[&pos.unsqueeze(1)?, &neg_logits], 1)?;
-        logits.apply_op2(&Tensor::zeros(n, DType::U32, &dev)?, SoftmaxCrossEntropy::default())
+        let no_bias = Tensor::zeros(negs.len() + 1, DType::F32, &dev)?;
+        logits.apply_op3(
+            &no_bias,
+            &Tensor::zeros(n, DType::U32, &dev)?,
+            SoftmaxCrossEntropy::default(),
+        )
     }
 
     pub fn weights(&self) -> Result<Weights> {

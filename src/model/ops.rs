@@ -3,7 +3,7 @@
 //! cross-entropy (logits to mean loss, with the softmax-minus-one-hot
 //! gradient). Unfused, each is a dozen tensor ops with a fresh buffer apiece.
 
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
@@ -278,67 +278,18 @@ fn par_rows<T: Send>(out: &mut [T], width: usize, cost: usize, f: impl Fn(usize,
     });
 }
 
-/// Mean softmax cross-entropy of logits (N, C) against target columns (N,
-/// u32). The backward pass is the fused softmax-minus-one-hot, reusing the
-/// forward pass's log-sum-exp per row.
-#[derive(Default)]
-pub struct SoftmaxCrossEntropy {
-    lse: std::sync::Mutex<Vec<f32>>,
-}
-
-impl CustomOp2 for SoftmaxCrossEntropy {
-    fn name(&self) -> &'static str {
-        "recd-softmax-cross-entropy"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (logits, targets) = (contiguous(s1, l1)?, contiguous_u32(s2, l2)?);
-        let (n, c) = l1.shape().dims2()?;
-        if targets.len() != n {
-            bail!("cross-entropy: {} targets for {n} rows", targets.len());
-        }
-        let mut lse = vec![0f32; n];
-        par_rows(&mut lse, 1, n * c, |first, block| {
-            for (k, lse) in block.iter_mut().enumerate() {
-                let r = first + k;
-                *lse = log_sum_exp(&logits[r * c..(r + 1) * c]);
-            }
-        });
-        let mean = (0..n)
-            .map(|r| (lse[r] - logits[r * c + targets[r] as usize]) as f64)
-            .sum::<f64>()
-            / n.max(1) as f64;
-        *self.lse.lock().expect("lse lock") = lse;
-        Ok((CpuStorage::F32(vec![mean as f32]), Shape::from(())))
-    }
-
-    fn bwd(
-        &self,
-        logits: &Tensor,
-        targets: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let n = logits.dims2()?.0;
-        let scale = grad.to_scalar::<f32>()? / n.max(1) as f32;
-        let lse = std::mem::take(&mut *self.lse.lock().expect("lse lock"));
-        let d = logits.apply_op2_no_bwd(targets, &SoftmaxGrad { scale, lse })?;
-        Ok((Some(d), None))
-    }
-}
-
 /// Mean softmax cross-entropy of (logits (N, C) + bias (C)) against target
 /// columns (N, u32): the catalogue bias enters here, so no catalogue-sized
 /// broadcast or concatenation is built for it. The backward pass gives the
 /// logits' gradient and the bias's (its column sums) in one pass.
 #[derive(Default)]
-pub struct BiasedSoftmaxCrossEntropy {
+pub struct SoftmaxCrossEntropy {
     lse: std::sync::Mutex<Vec<f32>>,
 }
 
-impl CustomOp3 for BiasedSoftmaxCrossEntropy {
+impl CustomOp3 for SoftmaxCrossEntropy {
     fn name(&self) -> &'static str {
-        "recd-biased-softmax-cross-entropy"
+        "recd-softmax-cross-entropy"
     }
 
     fn cpu_fwd(
@@ -393,19 +344,19 @@ impl CustomOp3 for BiasedSoftmaxCrossEntropy {
         let scale = grad.to_scalar::<f32>()? / n.max(1) as f32;
         let lse = std::mem::take(&mut *self.lse.lock().expect("lse lock"));
         // Rows 0..N: the logits' gradient; row N: the bias's.
-        let both = logits.apply_op3_no_bwd(bias, targets, &BiasedSoftmaxGrad { scale, lse })?;
+        let both = logits.apply_op3_no_bwd(bias, targets, &SoftmaxGrad { scale, lse })?;
         Ok((Some(both.narrow(0, 0, n)?), Some(both.get(n)?), None))
     }
 }
 
-struct BiasedSoftmaxGrad {
+struct SoftmaxGrad {
     scale: f32,
     lse: Vec<f32>,
 }
 
-impl CustomOp3 for BiasedSoftmaxGrad {
+impl CustomOp3 for SoftmaxGrad {
     fn name(&self) -> &'static str {
-        "recd-biased-softmax-grad"
+        "recd-softmax-grad"
     }
 
     fn cpu_fwd(
@@ -468,38 +419,6 @@ fn log_sum_exp(row: &[f32]) -> f32 {
     max + sum.ln()
 }
 
-struct SoftmaxGrad {
-    scale: f32,
-    lse: Vec<f32>,
-}
-
-impl CustomOp2 for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "recd-softmax-grad"
-    }
-
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (logits, targets) = (contiguous(s1, l1)?, contiguous_u32(s2, l2)?);
-        let (n, c) = l1.shape().dims2()?;
-        let mut out = vec![0f32; n * c];
-        par_rows(&mut out, c, n * c, |first, block| {
-            for (k, d) in block.chunks_exact_mut(c).enumerate() {
-                let r = first + k;
-                let row = &logits[r * c..(r + 1) * c];
-                let lse = match self.lse.get(r) {
-                    Some(&l) if self.lse.len() == n => l,
-                    _ => log_sum_exp(row),
-                };
-                for (d, &x) in d.iter_mut().zip(row) {
-                    *d = fast_exp(x - lse) * self.scale;
-                }
-                d[targets[r] as usize] -= self.scale;
-            }
-        });
-        Ok((CpuStorage::F32(out), Shape::from((n, c))))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -518,7 +437,8 @@ mod tests {
         let dev = Device::Cpu;
         let logits = Var::from_tensor(&Tensor::randn(0f32, 2.0, (5, 7), &dev)?)?;
         let targets = Tensor::new(&[0u32, 3, 6, 2, 2], &dev)?;
-        let fused = logits.apply_op2(&targets, SoftmaxCrossEntropy::default())?;
+        let zero = Tensor::zeros(7, candle_core::DType::F32, &dev)?;
+        let fused = logits.apply_op3(&zero, &targets, SoftmaxCrossEntropy::default())?;
         let plain = candle_nn::loss::cross_entropy(logits.as_tensor(), &targets)?;
         let (a, b) = (fused.to_scalar::<f32>()?, plain.to_scalar::<f32>()?);
         assert!((a - b).abs() < 1e-5);
@@ -530,7 +450,7 @@ mod tests {
 
         // With the bias inside the operation.
         let bias = Var::from_tensor(&Tensor::randn(0f32, 1.0, 7, &dev)?)?;
-        let fused = logits.apply_op3(bias.as_tensor(), &targets, BiasedSoftmaxCrossEntropy::default())?;
+        let fused = logits.apply_op3(bias.as_tensor(), &targets, SoftmaxCrossEntropy::default())?;
         let plain = candle_nn::loss::cross_entropy(&logits.broadcast_add(bias.as_tensor())?, &targets)?;
         assert!((fused.to_scalar::<f32>()? - plain.to_scalar::<f32>()?).abs() < 1e-5);
         let (ga, gb) = (fused.backward()?, plain.backward()?);

@@ -159,6 +159,18 @@ impl Weights {
         q
     }
 
+    /// The network's scores of every dense index after a history (its
+    /// newest `max_len` events).
+    pub fn score_history(&self, history: &[Step], max_len: usize, scores: &mut Vec<f32>) {
+        let mut state = self.initial_state();
+        for &step in &history[history.len().saturating_sub(max_len)..] {
+            self.advance(&mut state, step);
+        }
+        scores.clear();
+        scores.resize(self.items() + 1, 0.0);
+        self.score_into(&self.query(&state), scores);
+    }
+
     /// scores[i] = dot(q, item i) + bias i, for every dense index (0 too).
     pub fn score_into(&self, q: &[f32], scores: &mut [f32]) {
         let d = self.dim;

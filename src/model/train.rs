@@ -10,7 +10,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
-use super::data::{Case, Dataset, Step};
+use super::data::{sample_cases, Case, Dataset, Step};
 use super::metrics;
 use super::net::{Batch, Dropouts, Network, Sampler};
 use super::optim::AdamW;
@@ -133,7 +133,8 @@ fn bar(len: u64, show: bool) -> ProgressBar {
 }
 
 /// Trains the network on the windows, stopping early on `validate`'s
-/// NDCG@10 (higher is better); returns the best epoch's weights.
+/// NDCG@10 (higher is better); returns the best epoch's weights, or None
+/// when no user has two events to learn a transition from.
 pub fn train(
     data: &Dataset,
     train_len: &[usize],
@@ -141,7 +142,7 @@ pub fn train(
     valid: &[Case],
     cfg: &TrainConfig,
     progress: bool,
-) -> anyhow::Result<Trained> {
+) -> anyhow::Result<Option<Trained>> {
     cfg.check()?;
     let started = Instant::now();
     let budget = Duration::from_secs_f64(cfg.max_train_seconds.max(0.0));
@@ -166,12 +167,10 @@ pub fn train(
         hidden: cfg.hidden_dropout,
     };
     let mut windows = windows(data, train_len, cfg.max_len);
-    anyhow::ensure!(!windows.is_empty(), "no user has two events to learn a transition from");
-    let mut valid: Vec<Case> = valid.to_vec();
-    if valid.len() > cfg.validation_cases {
-        valid.shuffle(&mut rng);
-        valid.truncate(cfg.validation_cases);
+    if windows.is_empty() {
+        return Ok(None);
     }
+    let valid = sample_cases(valid, cfg.validation_cases, &mut rng);
     let mut best: Option<(f64, Weights, usize)> = None;
     let mut since_best = 0;
     let mut epochs = 0;
@@ -229,24 +228,18 @@ pub fn train(
         }
     }
     let (best_validation_ndcg, weights, _) = best.expect("at least one epoch ran");
-    Ok(Trained {
+    Ok(Some(Trained {
         weights,
         epochs,
         best_validation_ndcg,
         seconds: started.elapsed().as_secs_f64(),
-    })
+    }))
 }
 
 /// NDCG@10 of the network alone on validation cases.
 fn validate(data: &Dataset, weights: &Weights, valid: &[Case], cfg: &TrainConfig) -> f64 {
     metrics::evaluate(data, valid, cfg.seed, |history, scores| {
-        let mut state = weights.initial_state();
-        for &step in &history[history.len().saturating_sub(cfg.max_len)..] {
-            weights.advance(&mut state, step);
-        }
-        scores.clear();
-        scores.resize(weights.items() + 1, 0.0);
-        weights.score_into(&weights.query(&state), scores);
+        weights.score_history(history, cfg.max_len, scores)
     })
     .ndcg
 }
