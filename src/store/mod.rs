@@ -29,6 +29,13 @@ macro_rules! on_pool {
     };
 }
 
+mod serving;
+pub use serving::{Impression, ItemFlags, OnlineStats, TrainingRun, UserEvent, ITEM_SEPARATOR};
+
+/// Postgres channels: a new snapshot's version, and an erased user's id.
+pub const SNAPSHOT_CHANNEL: &str = "recd_snapshots";
+pub const ERASURE_CHANNEL: &str = "recd_erasures";
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The store cannot be reached or has no connection free in time; the
@@ -351,11 +358,29 @@ impl Store {
 
     /// Erases every event of the user; returns how many there were.
     pub async fn delete_user(&self, user_id: &str) -> Result<u64> {
-        let n = on_pool!(self, pool => sqlx::query("DELETE FROM events WHERE user_id = $1")
-            .bind(user_id)
-            .execute(pool)
-            .await?
-            .rows_affected());
+        let n = match self {
+            Store::Postgres(pool) => {
+                // Other replicas drop what they cache of the user.
+                let mut tx = pool.begin().await?;
+                let n = sqlx::query("DELETE FROM events WHERE user_id = $1")
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(ERASURE_CHANNEL)
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                n
+            }
+            Store::Sqlite(pool) => sqlx::query("DELETE FROM events WHERE user_id = $1")
+                .bind(user_id)
+                .execute(pool)
+                .await?
+                .rows_affected(),
+        };
         Ok(n)
     }
 
@@ -413,6 +438,14 @@ impl Store {
             .await?;
             tx.commit().await?;
         });
+        if let Store::Postgres(pool) = self {
+            // Replicas listening load it at once; the others poll.
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(SNAPSHOT_CHANNEL)
+                .bind(version)
+                .execute(pool)
+                .await?;
+        }
         Ok(())
     }
 

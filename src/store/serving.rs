@@ -1,0 +1,324 @@
+//! What serving and the trainer read and write: a user's newest events,
+//! catalogue changes, popularity, training runs, impressions and clicks.
+
+use sqlx::Row;
+
+use super::{Result, Store};
+use crate::model::EventRow;
+
+/// The unit separator: it ends each item id in `impressions.items`. Ids are
+/// printable, so none contains it.
+pub const ITEM_SEPARATOR: char = '\u{1f}';
+
+/// One of a user's events, as serving and profiles read them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserEvent {
+    pub item_id: String,
+    /// `EventType::code`.
+    pub kind: i16,
+    pub value: Option<f64>,
+    /// Milliseconds since the epoch.
+    pub ts: i64,
+    pub session_id: Option<String>,
+    /// Arrival order in the store.
+    pub seq: i64,
+}
+
+/// An item's state as the recommendation filters need it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemFlags {
+    pub item_id: String,
+    pub categories: Vec<String>,
+    pub available: bool,
+    pub deleted: bool,
+    pub updated_at: i64,
+}
+
+/// One training run as `GET /v1/model` shows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TrainingRun {
+    pub id: String,
+    pub started_at: i64,
+    pub finished_at: Option<i64>,
+    pub outcome: String,
+    pub reason: Option<String>,
+    pub version: Option<String>,
+    pub replica: Option<String>,
+}
+
+/// A recommendations response, counted as one impression of its version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Impression {
+    pub recommendation_id: String,
+    pub model_version: Option<String>,
+    pub item_ids: Vec<String>,
+    pub created_at: i64,
+}
+
+/// Impressions and clicks of one model version (`None`: no model yet).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OnlineStats {
+    pub model_version: Option<String>,
+    pub impressions: i64,
+    pub clicks: i64,
+}
+
+impl Store {
+    /// The user's newest `limit` events, newest first (ties: later arrival
+    /// first).
+    pub async fn user_events(&self, user_id: &str, limit: i64) -> Result<Vec<UserEvent>> {
+        const SELECT: &str = "SELECT item_id, kind, value, ts, session_id, seq FROM events
+             WHERE user_id = $1 ORDER BY ts DESC, seq DESC LIMIT $2";
+        let rows = on_pool!(self, pool => {
+            sqlx::query_as::<_, (String, i16, Option<f64>, i64, Option<String>, i64)>(SELECT)
+                .bind(user_id)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|(item_id, kind, value, ts, session_id, seq)| UserEvent {
+                item_id,
+                kind,
+                value,
+                ts,
+                session_id,
+                seq,
+            })
+            .collect())
+    }
+
+    /// Items written at or after `since_ms` (catalogue writes and items first
+    /// named by events), oldest change first.
+    pub async fn catalogue_changes(&self, since_ms: i64) -> Result<Vec<ItemFlags>> {
+        const SELECT: &str = "SELECT item_id, categories, available, deleted, updated_at FROM items
+             WHERE updated_at >= $1 ORDER BY updated_at";
+        let rows = on_pool!(self, pool => {
+            sqlx::query(SELECT).bind(since_ms).fetch_all(pool).await?.into_iter().map(|row| ItemFlags {
+                item_id: row.get("item_id"),
+                categories: serde_json::from_str(row.get::<&str, _>("categories")).unwrap_or_default(),
+                available: row.get("available"),
+                deleted: row.get("deleted"),
+                updated_at: row.get("updated_at"),
+            }).collect::<Vec<_>>()
+        });
+        Ok(rows)
+    }
+
+    /// The newest event timestamp in the store, if any.
+    pub async fn newest_event_ms(&self) -> Result<Option<i64>> {
+        let ts = on_pool!(self, pool => sqlx::query_scalar::<_, Option<i64>>("SELECT MAX(ts) FROM events")
+            .fetch_one(pool)
+            .await?);
+        Ok(ts)
+    }
+
+    /// The highest arrival number in the store (0 when empty).
+    pub async fn max_event_seq(&self) -> Result<i64> {
+        let seq = on_pool!(self, pool => sqlx::query_scalar::<_, Option<i64>>("SELECT MAX(seq) FROM events")
+            .fetch_one(pool)
+            .await?);
+        Ok(seq.unwrap_or(0))
+    }
+
+    /// How many events arrived after arrival number `seq`.
+    pub async fn count_events_after(&self, seq: i64) -> Result<i64> {
+        let n = on_pool!(self, pool => sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE seq > $1")
+            .bind(seq)
+            .fetch_one(pool)
+            .await?);
+        Ok(n)
+    }
+
+    /// Every event up to arrival number `max_seq`, as the model reads them,
+    /// in time order (ties in arrival order).
+    pub async fn training_events_upto(&self, max_seq: i64) -> Result<Vec<EventRow>> {
+        let rows = on_pool!(self, pool => {
+            sqlx::query_as::<_, (String, String, i16, i64)>(
+                "SELECT user_id, item_id, kind, ts FROM events WHERE seq <= $1 ORDER BY ts, seq",
+            )
+            .bind(max_seq)
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|(user_id, item_id, kind, timestamp_ms)| EventRow {
+                user_id,
+                item_id,
+                kind: kind as u8,
+                timestamp_ms,
+            })
+            .collect())
+    }
+
+    /// Interactions per item with a timestamp at or after `since_ms`, each
+    /// weighted by recency: an event `age` days older than `newest_ms`
+    /// counts 1 / (1 + age / half_life_days)... precisely
+    /// `half_life_days / (half_life_days + age_days)`, so an event one
+    /// half-life old counts half. Best first.
+    pub async fn popular_items(&self, since_ms: i64, newest_ms: i64, half_life_days: f64) -> Result<Vec<(String, f64)>> {
+        const SELECT: &str = "SELECT item_id, SUM($3 / ($3 + ($2 - ts) / 86400000.0)) AS score FROM events
+             WHERE ts >= $1 GROUP BY item_id ORDER BY score DESC, item_id";
+        let rows = on_pool!(self, pool => {
+            sqlx::query_as::<_, (String, f64)>(SELECT)
+                .bind(since_ms)
+                .bind(newest_ms)
+                .bind(half_life_days)
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(rows)
+    }
+
+    /// Records that a training run started.
+    pub async fn start_training(&self, id: &str, started_at: i64, replica: &str) -> Result<()> {
+        on_pool!(self, pool => sqlx::query(
+            "INSERT INTO trainings (id, started_at, outcome, replica) VALUES ($1, $2, 'running', $3)",
+        )
+        .bind(id)
+        .bind(started_at)
+        .bind(replica)
+        .execute(pool)
+        .await?);
+        Ok(())
+    }
+
+    /// Records how a training run ended, and forgets all but the newest 100.
+    pub async fn finish_training(
+        &self,
+        id: &str,
+        finished_at: i64,
+        outcome: &str,
+        reason: Option<&str>,
+        version: Option<&str>,
+    ) -> Result<()> {
+        on_pool!(self, pool => {
+            sqlx::query("UPDATE trainings SET finished_at = $2, outcome = $3, reason = $4, version = $5 WHERE id = $1")
+                .bind(id)
+                .bind(finished_at)
+                .bind(outcome)
+                .bind(reason)
+                .bind(version)
+                .execute(pool)
+                .await?;
+            sqlx::query(
+                "DELETE FROM trainings WHERE id NOT IN (SELECT id FROM trainings ORDER BY started_at DESC LIMIT 100)",
+            )
+            .execute(pool)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// The newest `limit` training runs, newest first.
+    pub async fn trainings(&self, limit: i64) -> Result<Vec<TrainingRun>> {
+        let rows = on_pool!(self, pool => {
+            sqlx::query_as::<_, (String, i64, Option<i64>, String, Option<String>, Option<String>, Option<String>)>(
+                "SELECT id, started_at, finished_at, outcome, reason, version, replica FROM trainings
+                 ORDER BY started_at DESC, id DESC LIMIT $1",
+            )
+            .bind(limit)
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|(id, started_at, finished_at, outcome, reason, version, replica)| TrainingRun {
+                id,
+                started_at,
+                finished_at,
+                outcome,
+                reason,
+                version,
+                replica,
+            })
+            .collect())
+    }
+
+    /// Marks runs of `replica` still `running` as failed: a process that
+    /// restarts cannot be training.
+    pub async fn abandon_trainings(&self, replica: &str, now_ms: i64) -> Result<()> {
+        on_pool!(self, pool => sqlx::query(
+            "UPDATE trainings SET outcome = 'failed', reason = 'the process stopped during training', finished_at = $2
+             WHERE outcome = 'running' AND replica = $1",
+        )
+        .bind(replica)
+        .bind(now_ms)
+        .execute(pool)
+        .await?);
+        Ok(())
+    }
+
+    /// Stores impressions in one statement per 1000.
+    pub async fn record_impressions(&self, impressions: &[Impression]) -> Result<()> {
+        let joined = |i: &Impression| {
+            let mut s = String::new();
+            for id in &i.item_ids {
+                s.push_str(id);
+                s.push(ITEM_SEPARATOR);
+            }
+            s
+        };
+        on_pool!(self, pool => {
+            for chunk in impressions.chunks(1000) {
+                let mut insert =
+                    sqlx::QueryBuilder::new("INSERT INTO impressions (recommendation_id, model_version, items, created_at) ");
+                insert.push_values(chunk, |mut row, i| {
+                    row.push_bind(i.recommendation_id.clone())
+                        .push_bind(i.model_version.clone())
+                        .push_bind(joined(i))
+                        .push_bind(i.created_at);
+                });
+                insert.push(" ON CONFLICT (recommendation_id) DO NOTHING");
+                insert.build().execute(pool).await?;
+            }
+        });
+        Ok(())
+    }
+
+    /// Impressions and clicks per model version, oldest version first. A
+    /// click is an event that carries a stored recommendation id and names
+    /// one of its items.
+    pub async fn online_stats(&self) -> Result<Vec<OnlineStats>> {
+        const IMPRESSIONS: &str = "SELECT model_version, COUNT(*), MIN(created_at) FROM impressions
+             GROUP BY model_version ORDER BY MIN(created_at)";
+        let clicks_sql = match self {
+            Store::Postgres(_) => {
+                "SELECT i.model_version, COUNT(*) FROM events e JOIN impressions i ON i.recommendation_id = e.recommendation_id
+                 WHERE e.recommendation_id IS NOT NULL AND strpos(chr(31) || i.items, chr(31) || e.item_id || chr(31)) > 0
+                 GROUP BY i.model_version"
+            }
+            Store::Sqlite(_) => {
+                "SELECT i.model_version, COUNT(*) FROM events e JOIN impressions i ON i.recommendation_id = e.recommendation_id
+                 WHERE e.recommendation_id IS NOT NULL AND instr(char(31) || i.items, char(31) || e.item_id || char(31)) > 0
+                 GROUP BY i.model_version"
+            }
+        };
+        let (shown, clicked) = on_pool!(self, pool => (
+            sqlx::query_as::<_, (Option<String>, i64, i64)>(IMPRESSIONS).fetch_all(pool).await?,
+            sqlx::query_as::<_, (Option<String>, i64)>(clicks_sql).fetch_all(pool).await?,
+        ));
+        Ok(shown
+            .into_iter()
+            .map(|(model_version, impressions, _)| OnlineStats {
+                clicks: clicked
+                    .iter()
+                    .find(|(v, _)| *v == model_version)
+                    .map_or(0, |(_, n)| *n),
+                model_version,
+                impressions,
+            })
+            .collect())
+    }
+
+    /// The stored snapshot of `version`.
+    pub async fn snapshot_bytes(&self, version: &str) -> Result<Option<Vec<u8>>> {
+        let v = on_pool!(self, pool => sqlx::query_scalar::<_, Vec<u8>>("SELECT bytes FROM snapshots WHERE version = $1")
+            .bind(version)
+            .fetch_optional(pool)
+            .await?);
+        Ok(v)
+    }
+}
