@@ -175,7 +175,9 @@ pub fn validate_event(raw: &Value, now_ms: i64) -> Result<NewEvent, Vec<FieldErr
         }
     }
     if let Some(kind) = kind {
-        if let Err(e) = check_value(kind, value, obj.contains_key("value")) {
+        // `"value": null` is an absent value, as null is for every optional field.
+        let present = !matches!(obj.get("value"), None | Some(Value::Null));
+        if let Err(e) = check_value(kind, value, present) {
             errors.push(e);
         }
     }

@@ -74,6 +74,9 @@ async fn ingest(State(state): State<AppState>, body: Result<Bytes, BytesRejectio
         .store
         .insert_events_known(&valid, now, Some(&state.known_items))
         .await?;
+    if accepted > 0 {
+        state.serving.popular.invalidate();
+    }
     let duplicates = valid.len() as u64 - accepted;
     metrics::counter!("recd_events_accepted_total").increment(accepted);
     metrics::counter!("recd_events_duplicate_total").increment(duplicates);

@@ -33,6 +33,10 @@ pub struct SnapshotMeta {
     /// `network` when trained weights are present, `popular` when the data
     /// was too small to train (only popularity and co-occurrence then).
     pub kind: String,
+    /// The store's newest arrival number among the events learned from:
+    /// later arrivals are the new events a retraining waits for.
+    #[serde(default)]
+    pub last_seq: i64,
 }
 
 /// The network's weights, row-major.
