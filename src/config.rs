@@ -36,6 +36,10 @@ pub struct Settings {
     /// A scheduled training waits for this many events newer than the
     /// served model's data.
     pub train_min_new_events: u64,
+    /// While no model is served, a training stops after this many seconds
+    /// (at most `train.max_train_seconds`), so that a new service answers
+    /// personally soon.
+    pub first_training_seconds: f64,
     /// NDCG@10 a candidate must add over the served model (or, lacking
     /// enough newer events, over the baselines) to be published.
     pub gate_margin: f64,

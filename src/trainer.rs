@@ -403,7 +403,14 @@ async fn train_and_gate(state: &AppState) -> anyhow::Result<Outcome> {
     let max_seq = state.store.max_event_seq().await?;
     let rows = state.store.training_events_upto(max_seq).await?;
     let served = state.serving.model();
-    let config = state.settings.train.clone();
+    let mut config = state.settings.train.clone();
+    if served.is_none() {
+        // The first model comes quickly (a fresh service answers personally
+        // within a minute); later trainings take their full time.
+        config.max_train_seconds = config
+            .max_train_seconds
+            .min(state.settings.first_training_seconds);
+    }
     let gate = Gate {
         margin: state.settings.gate_margin,
         min_cases: state.settings.gate_min_cases,
