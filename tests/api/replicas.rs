@@ -130,7 +130,10 @@ async fn one_replica_trains_both_serve_and_the_other_takes_over() {
     let (leader, leader_id) = trainers.pop().unwrap();
     let runs = store.trainings(100).await.unwrap();
     assert!(!runs.is_empty());
-    assert!(runs.iter().all(|r| r.replica.as_deref() == Some(leader_id.as_str())), "{runs:?}");
+    assert!(
+        runs.iter().all(|r| r.replica.as_deref() == Some(leader_id.as_str())),
+        "{runs:?}"
+    );
 
     // Kill the trainer; new events arrive; the other takes over and trains.
     let dead = replicas.remove(leader);

@@ -20,6 +20,7 @@ pub fn fast(settings: &mut Settings) {
     settings.train.validation_cases = 300;
     settings.train.neighbours = 20;
     settings.snapshot_poll = Duration::from_millis(200);
+    settings.gate_min_cases = 10;
 }
 
 /// A small generated shop (items in categories, users who walk them in
@@ -388,6 +389,12 @@ mod lifecycle {
         let app = start(strict, dir).await;
         let rejected = train_now(&app).await;
         assert_eq!(rejected["last_training"]["outcome"], "rejected", "{rejected}");
+        // No events newer than v1's data: judged against the baselines.
+        let reason = rejected["last_training"]["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("most-popular") && reason.contains("item-kNN"),
+            "{reason}"
+        );
         assert_eq!(rejected["version"], v1.as_str());
         assert!(rejected["history"].as_array().unwrap().len() >= 3);
         let dir = app.stop_keeping_files().await;
@@ -410,12 +417,22 @@ mod lifecycle {
                 versions
             }));
         }
+        // Events newer than v1's data for 20 users: the candidate is judged
+        // against the served model on them.
+        for u in 0..20 {
+            view(&app, &format!("user-{u}"), "item-7").await;
+        }
         let before = model(&app).await["history"].as_array().unwrap().len();
         assert_eq!(app.post("/v1/model/train", &json!({})).await.status(), 202);
         // A training already running: 409.
         crate::helpers::problem(app.post("/v1/model/train", &json!({})).await, 409).await;
         let body = wait_training(&app, before).await;
         assert_eq!(body["last_training"]["outcome"], "published", "{body}");
+        let reason = body["last_training"]["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("served model") && reason.contains("20 users"),
+            "{reason}"
+        );
         let v2 = body["version"].as_str().unwrap().to_owned();
         assert_ne!(v1, v2);
         tokio::time::sleep(Duration::from_millis(300)).await;
