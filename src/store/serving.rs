@@ -158,7 +158,12 @@ impl Store {
     /// counts 1 / (1 + age / half_life_days)... precisely
     /// `half_life_days / (half_life_days + age_days)`, so an event one
     /// half-life old counts half. Best first.
-    pub async fn popular_items(&self, since_ms: i64, newest_ms: i64, half_life_days: f64) -> Result<Vec<(String, f64)>> {
+    pub async fn popular_items(
+        &self,
+        since_ms: i64,
+        newest_ms: i64,
+        half_life_days: f64,
+    ) -> Result<Vec<(String, f64)>> {
         const SELECT: &str = "SELECT item_id, SUM($3 / ($3 + ($2 - ts) / 86400000.0)) AS score FROM events
              WHERE ts >= $1 GROUP BY item_id ORDER BY score DESC, item_id";
         let rows = on_pool!(self, pool => {
@@ -181,7 +186,8 @@ impl Store {
         .bind(started_at)
         .bind(replica)
         .execute(pool)
-        .await?);
+        .await
+        .map(drop)?);
         Ok(())
     }
 
@@ -225,15 +231,17 @@ impl Store {
         });
         Ok(rows
             .into_iter()
-            .map(|(id, started_at, finished_at, outcome, reason, version, replica)| TrainingRun {
-                id,
-                started_at,
-                finished_at,
-                outcome,
-                reason,
-                version,
-                replica,
-            })
+            .map(
+                |(id, started_at, finished_at, outcome, reason, version, replica)| TrainingRun {
+                    id,
+                    started_at,
+                    finished_at,
+                    outcome,
+                    reason,
+                    version,
+                    replica,
+                },
+            )
             .collect())
     }
 
@@ -247,7 +255,8 @@ impl Store {
         .bind(replica)
         .bind(now_ms)
         .execute(pool)
-        .await?);
+        .await
+        .map(drop)?);
         Ok(())
     }
 
@@ -303,10 +312,7 @@ impl Store {
         Ok(shown
             .into_iter()
             .map(|(model_version, impressions, _)| OnlineStats {
-                clicks: clicked
-                    .iter()
-                    .find(|(v, _)| *v == model_version)
-                    .map_or(0, |(_, n)| *n),
+                clicks: clicked.iter().find(|(v, _)| *v == model_version).map_or(0, |(_, n)| *n),
                 model_version,
                 impressions,
             })
