@@ -21,6 +21,7 @@ pub mod http;
 pub mod import;
 pub mod ingest;
 pub mod model;
+pub mod profile;
 pub mod server;
 pub mod store;
 pub mod telemetry;
