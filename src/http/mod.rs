@@ -15,6 +15,7 @@ pub mod error;
 mod events;
 mod items;
 mod ops;
+mod profile;
 mod users;
 
 use std::sync::Arc;
@@ -80,6 +81,7 @@ pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .merge(events::router())
         .merge(items::router())
+        .merge(profile::router())
         .merge(users::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_scope))
         .layer(shed);
