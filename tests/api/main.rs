@@ -7,6 +7,7 @@ mod events;
 mod items;
 mod ops;
 mod process;
+mod profile;
 mod store_down;
 mod training;
 mod users;
