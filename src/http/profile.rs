@@ -29,25 +29,41 @@ pub(super) fn router() -> Router<AppState> {
         .route("/v1/users/{user_id}/profile", get(profile))
         // One cache per app, so that apps on different stores (as in the
         // tests) never share figures.
-        .layer(Extension(Arc::new(ShopStatsCache::default())))
+        .layer(Extension(ShopStatsCache::default()))
 }
 
 /// The shop-wide figures and when they were computed. The lock is held while
 /// they are recomputed, so concurrent requests wait for one query instead of
 /// each running their own.
-#[derive(Default)]
-struct ShopStatsCache(Mutex<Option<(Instant, Arc<ShopStats>)>>);
+#[derive(Clone, Default)]
+struct ShopStatsCache(Arc<Mutex<Option<Computed>>>);
+
+struct Computed {
+    at: Instant,
+    stats: Arc<ShopStats>,
+}
 
 impl ShopStatsCache {
-    async fn get(&self, store: &Store) -> Result<Arc<ShopStats>, StoreError> {
-        let mut cached = self.0.lock().await;
-        if let Some((computed, stats)) = cached.as_ref() {
-            if computed.elapsed() < SHOP_STATS_TTL {
-                return Ok(Arc::clone(stats));
+    async fn get(&self, store: &Store) -> ApiResult<Arc<ShopStats>> {
+        let slot = Arc::clone(&self.0);
+        let store = store.clone();
+        // A task of its own: a request that times out meanwhile does not
+        // throw the query's work away, the next one finds it done.
+        let refresh = tokio::spawn(async move {
+            let mut cached = slot.lock_owned().await;
+            if let Some(computed) = cached.as_ref().filter(|c| c.at.elapsed() < SHOP_STATS_TTL) {
+                return Ok::<_, StoreError>(Arc::clone(&computed.stats));
             }
-        }
-        let stats = Arc::new(store.shop_stats().await?);
-        *cached = Some((Instant::now(), Arc::clone(&stats)));
+            let stats = Arc::new(store.shop_stats().await?);
+            *cached = Some(Computed {
+                at: Instant::now(),
+                stats: Arc::clone(&stats),
+            });
+            Ok(stats)
+        });
+        let stats = refresh
+            .await
+            .map_err(|e| ApiError::Internal(anyhow::anyhow!("shop statistics task failed: {e}")))??;
         Ok(stats)
     }
 }
@@ -55,7 +71,7 @@ impl ShopStatsCache {
 /// The user's profile; 404 when the store holds no event of theirs.
 async fn profile(
     State(state): State<AppState>,
-    Extension(cache): Extension<Arc<ShopStatsCache>>,
+    Extension(cache): Extension<ShopStatsCache>,
     Path(user_id): Path<String>,
 ) -> ApiResult<Json<Profile>> {
     let store = &state.store;
