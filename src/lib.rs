@@ -16,6 +16,8 @@
 //!   and the snapshot served in plain Rust.
 //! - [`recommend`]: ranking at request time from the user's newest events,
 //!   filters, cold start, similar and popular items.
+//! - [`profile`]: a shopper's profile: counts, sessions, favourite
+//!   categories, RFM scores, churn risk, segment.
 //! - [`trainer`]: the background retrainer (leader lock, gate, publish) and
 //!   the pickup of new snapshots by every replica.
 //! - [`server`]: `recd serve` itself: wait for the store, load the last
@@ -27,6 +29,7 @@ pub mod http;
 pub mod import;
 pub mod ingest;
 pub mod model;
+pub mod profile;
 pub mod recommend;
 pub mod server;
 pub mod store;

@@ -16,6 +16,7 @@ mod events;
 mod items;
 mod model;
 mod ops;
+mod profile;
 mod recommend;
 mod users;
 
@@ -87,6 +88,7 @@ pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .merge(events::router())
         .merge(items::router())
+        .merge(profile::router())
         .merge(users::router())
         .merge(recommend::router())
         .merge(model::router())

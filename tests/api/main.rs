@@ -7,6 +7,7 @@ mod events;
 mod items;
 mod ops;
 mod process;
+mod profile;
 mod replicas;
 mod serving;
 mod store_down;

@@ -334,6 +334,7 @@ async fn erasure_reaches_recommendations(app: TestApp) {
     seed_shop(&app, 200).await;
     published(&app).await;
     assert_eq!(recommend(&app, "user-7", "").await["strategy"], "personalized");
+    assert_eq!(app.get("/v1/users/user-7/profile").await.status(), 200);
     let reply: Value = app.delete("/v1/users/user-7").await.json().await.unwrap();
     assert!(reply["deleted_events"].as_u64().unwrap() > 0);
     let after = recommend(&app, "user-7", "").await;
