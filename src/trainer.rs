@@ -124,6 +124,7 @@ pub async fn load_latest(state: &AppState) -> anyhow::Result<()> {
     let snapshot = tokio::task::spawn_blocking(move || ModelSnapshot::from_bytes(&bytes)).await??;
     // Another replica may have published a newer one meanwhile; the next
     // look picks it up.
+    record_model_metrics(&snapshot);
     state.serving.publish(snapshot);
     metrics::counter!("recd_snapshot_loads_total").increment(1);
     Ok(())
