@@ -99,6 +99,7 @@ fn scoring(c: &mut Criterion) {
         metrics: serde_json::Value::Null,
         knn_weight: 0.0,
         kind: "network".into(),
+        last_seq: 0,
     };
     let ids = (0..ITEMS).map(|i| format!("i{i}")).collect();
     let neighbours = recd::model::knn::Neighbours::build(ITEMS, std::iter::empty(), 10);

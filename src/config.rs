@@ -33,6 +33,26 @@ pub struct Settings {
     pub max_concurrent_requests: usize,
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// A scheduled training waits for this many events newer than the
+    /// served model's data.
+    pub train_min_new_events: u64,
+    /// While no model is served, a training stops after this many seconds
+    /// (at most `train.max_train_seconds`), so that a new service answers
+    /// personally soon.
+    pub first_training_seconds: f64,
+    /// NDCG@10 a candidate must add over the served model (or, lacking
+    /// enough newer events, over the baselines) to be published.
+    pub gate_margin: f64,
+    /// Held-out users with events newer than the served model needed to
+    /// compare candidate and served model directly.
+    pub gate_min_cases: usize,
+    /// How often every replica looks for a newer snapshot and catalogue
+    /// changes (and the leader whether to train).
+    #[serde(deserialize_with = "duration")]
+    pub snapshot_poll: Duration,
+    /// The window of the cold-start popular list; `None` when `0` (all).
+    #[serde(deserialize_with = "optional_duration")]
+    pub popular_window: Option<Duration>,
     /// The model's training settings (`[train]`; `RECD_TRAIN__DIM=32` and so on).
     #[serde(default)]
     pub train: crate::model::TrainConfig,

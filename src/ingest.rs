@@ -1,8 +1,11 @@
 //! What an event is, and the one validation both `POST /v1/events` and
 //! `recd import` run, so that the API and the importer accept the same rows.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -175,7 +178,9 @@ pub fn validate_event(raw: &Value, now_ms: i64) -> Result<NewEvent, Vec<FieldErr
         }
     }
     if let Some(kind) = kind {
-        if let Err(e) = check_value(kind, value, obj.contains_key("value")) {
+        // `"value": null` is an absent value, as null is for every optional field.
+        let present = !matches!(obj.get("value"), None | Some(Value::Null));
+        if let Err(e) = check_value(kind, value, present) {
             errors.push(e);
         }
     }
@@ -209,6 +214,130 @@ pub fn check_value(kind: EventType, value: Option<f64>, present: bool) -> Result
         }
         (_, None) if present => Err(FieldError::new("value", "must be a finite number")),
         _ => Ok(()),
+    }
+}
+
+/// Most events in one `POST /v1/events` batch.
+pub const MAX_BATCH: usize = 1000;
+
+/// Why a whole batch is refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BatchError {
+    /// 400: nothing stored.
+    #[error("{0}")]
+    Malformed(String),
+    /// 422: an empty batch or one too large.
+    #[error("must hold 1 to {MAX_BATCH} events, got {0}")]
+    Count(usize),
+}
+
+/// A batch read: its valid events, and each invalid one's index and errors.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub valid: Vec<NewEvent>,
+    pub rejected: Vec<(usize, Vec<FieldError>)>,
+}
+
+/// Reads a `POST /v1/events` body: `{"events": [...]}` with 1 to
+/// `MAX_BATCH` events, each validated on its own.
+pub fn parse_batch(body: &[u8], now_ms: i64) -> Result<Batch, BatchError> {
+    #[derive(Deserialize)]
+    struct Body<'a> {
+        #[serde(borrow)]
+        events: Vec<&'a RawValue>,
+    }
+    let raw = match serde_json::from_slice::<Body<'_>>(body) {
+        Ok(body) => body.events,
+        Err(_) => {
+            // Not the usual shape: say whether it is JSON at all.
+            serde_json::from_slice::<serde::de::IgnoredAny>(body)
+                .map_err(|e| BatchError::Malformed(format!("the body is not valid JSON: {e}")))?;
+            return Err(BatchError::Malformed(
+                "the body must be an object with an \"events\" array".to_owned(),
+            ));
+        }
+    };
+    if raw.is_empty() || raw.len() > MAX_BATCH {
+        return Err(BatchError::Count(raw.len()));
+    }
+    let mut batch = Batch {
+        valid: Vec::with_capacity(raw.len()),
+        rejected: Vec::new(),
+    };
+    for (index, event) in raw.iter().enumerate() {
+        match validate_event_json(event.get(), now_ms) {
+            Ok(event) => batch.valid.push(event),
+            Err(errors) => batch.rejected.push((index, errors)),
+        }
+    }
+    Ok(batch)
+}
+
+/// The usual shape of an event, read without building a JSON tree.
+#[derive(Deserialize)]
+struct Typed<'a> {
+    #[serde(borrow, default)]
+    event_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    user_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    item_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default)]
+    value: Option<f64>,
+    #[serde(borrow, default)]
+    timestamp: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    session_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    recommendation_id: Option<Cow<'a, str>>,
+}
+
+impl Typed<'_> {
+    /// The event if every check passes; `None` sends it to
+    /// `validate_event`, which names what is wrong.
+    fn into_event(self, now_ms: i64) -> Option<NewEvent> {
+        let id = |field: &str, v: Option<Cow<'_, str>>| -> Result<Option<String>, ()> {
+            match v {
+                None => Ok(None),
+                Some(v) => check_id(field, &v).map(|()| Some(v.into_owned())).map_err(drop),
+            }
+        };
+        let kind = EventType::parse(self.kind.as_deref()?)?;
+        let ts = match self.timestamp.as_deref() {
+            None => now_ms,
+            Some(text) => parse_timestamp(text).ok()?,
+        };
+        if ts > now_ms + MAX_FUTURE_MS || check_value(kind, self.value, self.value.is_some()).is_err() {
+            return None;
+        }
+        Some(NewEvent {
+            event_id: id("event_id", self.event_id).ok()?,
+            user_id: id("user_id", self.user_id).ok()??,
+            item_id: id("item_id", self.item_id).ok()??,
+            kind,
+            value: self.value,
+            ts,
+            session_id: id("session_id", self.session_id).ok()?,
+            recommendation_id: id("recommendation_id", self.recommendation_id).ok()?,
+        })
+    }
+}
+
+/// Validates one event given as JSON text: the common shape is read
+/// straight into its fields; anything else goes through `validate_event`,
+/// so both accept and refuse exactly the same events.
+pub fn validate_event_json(raw: &str, now_ms: i64) -> Result<NewEvent, Vec<FieldError>> {
+    if let Some(event) = serde_json::from_str::<Typed<'_>>(raw)
+        .ok()
+        .and_then(|t| t.into_event(now_ms))
+    {
+        return Ok(event);
+    }
+    match serde_json::from_str::<Value>(raw) {
+        Ok(value) => validate_event(&value, now_ms),
+        Err(e) => Err(vec![FieldError::new("event", format!("not valid JSON: {e}"))]),
     }
 }
 
@@ -336,5 +465,65 @@ mod tests {
         let mut other = e.clone();
         other.ts += 1;
         assert_ne!(derived_event_id(&e), derived_event_id(&other));
+    }
+
+    /// A field's value as a collector might send it, good or bad.
+    fn field_value() -> impl proptest::strategy::Strategy<Value = Option<Value>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            Just(None),
+            Just(Some(Value::Null)),
+            Just(Some(json!("u-1"))),
+            Just(Some(json!(""))),
+            Just(Some(json!("x".repeat(129)))),
+            Just(Some(json!("tab\there"))),
+            Just(Some(json!("view"))),
+            Just(Some(json!("purchase"))),
+            Just(Some(json!("rating"))),
+            Just(Some(json!("2023-11-14T22:13:20Z"))),
+            Just(Some(json!("2099-01-01T00:00:00Z"))),
+            Just(Some(json!("yesterday"))),
+            Just(Some(json!(3))),
+            Just(Some(json!(-2.5))),
+            Just(Some(json!(7))),
+            Just(Some(json!(["a"]))),
+            Just(Some(json!({"a": 1}))),
+            Just(Some(json!(true))),
+        ]
+    }
+
+    proptest::proptest! {
+        /// The fast reading of the usual shape accepts and refuses exactly
+        /// what the general validation does, with the same errors.
+        #[test]
+        fn fast_path_agrees_with_validate_event(
+            fields in proptest::collection::vec(field_value(), 8),
+        ) {
+            let names = ["event_id", "user_id", "item_id", "type", "value", "timestamp", "session_id", "recommendation_id"];
+            let mut obj = Map::new();
+            for (name, value) in names.iter().zip(fields) {
+                if let Some(value) = value {
+                    obj.insert((*name).to_owned(), value);
+                }
+            }
+            let value = Value::Object(obj);
+            let text = value.to_string();
+            proptest::prop_assert_eq!(validate_event_json(&text, NOW), validate_event(&value, NOW));
+        }
+    }
+
+    #[test]
+    fn batches_are_read_whole_or_refused() {
+        let ok = br#"{"events": [{"user_id": "u", "item_id": "i", "type": "view"}, {"user_id": "u"}]}"#;
+        let batch = parse_batch(ok, NOW).unwrap();
+        assert_eq!(batch.valid.len(), 1);
+        assert_eq!(batch.rejected.len(), 1);
+        assert_eq!(batch.rejected[0].0, 1);
+        assert!(matches!(parse_batch(b"{nope", NOW), Err(BatchError::Malformed(m)) if m.contains("not valid JSON")));
+        assert!(matches!(parse_batch(br#"{"events": 3}"#, NOW), Err(BatchError::Malformed(m)) if m.contains("events")));
+        assert_eq!(
+            parse_batch(br#"{"events": []}"#, NOW).unwrap_err(),
+            BatchError::Count(0)
+        );
     }
 }

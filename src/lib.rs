@@ -12,8 +12,16 @@
 //!   `event_id` makes retries idempotent.
 //! - [`config`]: layered settings with secrets that never print.
 //! - [`demo`]: a generated shop for `recd serve --demo` and the benchmarks.
-//! - [`server`]: `recd serve` itself: wait for the store, bind, serve, stop
-//!   gracefully.
+//! - [`model`]: the candle sequence network, its training and evaluation,
+//!   and the snapshot served in plain Rust.
+//! - [`recommend`]: ranking at request time from the user's newest events,
+//!   filters, cold start, similar and popular items.
+//! - [`profile`]: a shopper's profile: counts, sessions, favourite
+//!   categories, RFM scores, churn risk, segment.
+//! - [`trainer`]: the background retrainer (leader lock, gate, publish) and
+//!   the pickup of new snapshots by every replica.
+//! - [`server`]: `recd serve` itself: wait for the store, load the last
+//!   snapshot, bind, serve, stop gracefully.
 
 pub mod config;
 pub mod demo;
@@ -21,6 +29,9 @@ pub mod http;
 pub mod import;
 pub mod ingest;
 pub mod model;
+pub mod profile;
+pub mod recommend;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod trainer;

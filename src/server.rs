@@ -74,11 +74,22 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     if demo {
         seed_demo(&store).await?;
     }
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", settings.listen))?;
-    tracing::info!(address = %listener.local_addr()?, store = store.kind(), "listening");
     let state = AppState::new(store.clone(), settings);
+    // The last snapshot is served from the first request on.
+    crate::trainer::prepare(&state).await?;
+    if demo && state.serving.model().is_none() {
+        // The demo answers personally within a minute, whatever the interval.
+        let _ = crate::trainer::start_training(&state).await;
+    }
+    let listener = tokio::net::TcpListener::bind(state.settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", state.settings.listen))?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        store = store.kind(),
+        model = state.serving.version().as_deref().unwrap_or("none yet"),
+        "listening"
+    );
     http::serve(listener, state, http::shutdown_signal()).await?;
     store.close().await;
     tracing::info!("stopped");
@@ -116,7 +127,8 @@ pub fn eval(settings: &Settings, events: &Path, items: Option<&Path>, json: bool
 /// `recd train`: train once on the store's events and save the snapshot.
 pub async fn train_once(settings: &Settings) -> anyhow::Result<()> {
     let store = open_store_waiting(settings).await?;
-    let rows = store.training_events().await?;
+    let max_seq = store.max_event_seq().await?;
+    let rows = store.training_events_upto(max_seq).await?;
     let config = settings.train.clone();
     let progress = std::io::stderr().is_terminal();
     let (snapshot, report) = tokio::task::spawn_blocking(move || {
@@ -124,6 +136,8 @@ pub async fn train_once(settings: &Settings) -> anyhow::Result<()> {
         crate::model::train_and_evaluate(&data, &config, progress)
     })
     .await??;
+    let mut snapshot = snapshot;
+    snapshot.meta.last_seq = max_seq;
     let bytes = snapshot.to_bytes()?;
     store
         .save_snapshot(

@@ -8,14 +8,11 @@ use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
 use serde::Serialize;
-use serde_json::Value;
 
 use super::error::{ApiError, Invalid};
-use super::{now_ms, parse_json, ApiResult, AppState, MAX_INFLATED_BODY};
-use crate::ingest::{validate_event, FieldError};
-
-/// Most events in one batch.
-pub const MAX_BATCH: usize = 1000;
+use super::{now_ms, ApiResult, AppState, MAX_INFLATED_BODY};
+pub use crate::ingest::MAX_BATCH;
+use crate::ingest::{parse_batch, BatchError, FieldError};
 
 pub(super) fn router() -> Router<AppState> {
     Router::new().route("/v1/events", post(ingest))
@@ -47,33 +44,25 @@ pub(super) fn read_body(body: Result<Bytes, BytesRejection>) -> ApiResult<Bytes>
 
 async fn ingest(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<IngestReply>> {
     let body = read_body(body)?;
-    let mut doc: Value = parse_json(&body)?;
-    let Some(Value::Array(raw)) = doc.get_mut("events").map(Value::take) else {
-        return Err(ApiError::BadRequest(
-            "the body must be an object with an \"events\" array".to_owned(),
-        ));
-    };
-    if raw.is_empty() || raw.len() > MAX_BATCH {
-        return Err(ApiError::invalid(vec![Invalid::new(
-            "events",
-            format!("must hold 1 to {MAX_BATCH} events, got {}", raw.len()),
-        )]));
-    }
-
     let now = now_ms();
-    let mut valid = Vec::with_capacity(raw.len());
-    let mut rejected = Vec::new();
-    for (index, event) in raw.iter().enumerate() {
-        match validate_event(event, now) {
-            Ok(event) => valid.push(event),
-            Err(errors) => rejected.push(Rejected { index, errors }),
-        }
-    }
+    let batch = parse_batch(&body, now).map_err(|e| match e {
+        BatchError::Malformed(why) => ApiError::BadRequest(why),
+        count @ BatchError::Count(_) => ApiError::invalid(vec![Invalid::new("events", count.to_string())]),
+    })?;
+    let valid = batch.valid;
+    let rejected: Vec<Rejected> = batch
+        .rejected
+        .into_iter()
+        .map(|(index, errors)| Rejected { index, errors })
+        .collect();
 
     let accepted = state
         .store
         .insert_events_known(&valid, now, Some(&state.known_items))
         .await?;
+    if accepted > 0 {
+        state.serving.popular.invalidate();
+    }
     let duplicates = valid.len() as u64 - accepted;
     metrics::counter!("recd_events_accepted_total").increment(accepted);
     metrics::counter!("recd_events_duplicate_total").increment(duplicates);

@@ -127,6 +127,7 @@ async fn put_one(
     let item = parse_item(&item_id, &body)
         .map_err(|errors| ApiError::invalid(errors.into_iter().map(Invalid::from).collect()))?;
     state.store.put_items(std::slice::from_ref(&item), now_ms()).await?;
+    state.serving.catalogue.refresh(&state.store).await?;
     Ok(Json(item))
 }
 
@@ -168,6 +169,7 @@ async fn put_many(State(state): State<AppState>, body: Result<Bytes, BytesReject
         return Err(ApiError::invalid(errors));
     }
     state.store.put_items(&items, now_ms()).await?;
+    state.serving.catalogue.refresh(&state.store).await?;
     Ok(Json(json!({ "items": items })))
 }
 
@@ -182,6 +184,7 @@ async fn get_one(State(state): State<AppState>, Path(item_id): Path<String>) -> 
 
 async fn delete_one(State(state): State<AppState>, Path(item_id): Path<String>) -> ApiResult<StatusCode> {
     if state.store.delete_item(&item_id, now_ms()).await? {
+        state.serving.catalogue.refresh(&state.store).await?;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound(format!("no item {item_id:?}")))

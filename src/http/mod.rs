@@ -14,7 +14,10 @@ mod auth;
 pub mod error;
 mod events;
 mod items;
+mod model;
 mod ops;
+mod profile;
+mod recommend;
 mod users;
 
 use std::sync::Arc;
@@ -52,6 +55,9 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Items this process has seen stored, so ingest skips their insert.
     pub known_items: Arc<crate::store::KnownItems>,
+    /// The served model, the catalogue filters, cached user states.
+    pub serving: Arc<crate::recommend::Serving>,
+    pub trainer: Arc<crate::trainer::Trainer>,
     keys: Arc<auth::Keys>,
 }
 
@@ -60,6 +66,8 @@ impl AppState {
         AppState {
             keys: Arc::new(auth::Keys::new(&settings.api_keys)),
             store,
+            serving: Arc::new(crate::recommend::Serving::new(settings.train.max_len)),
+            trainer: Arc::default(),
             settings: Arc::new(settings),
             metrics: crate::telemetry::metrics_handle(),
             known_items: Arc::default(),
@@ -80,7 +88,10 @@ pub fn app(state: AppState) -> Router {
     let api = Router::new()
         .merge(events::router())
         .merge(items::router())
+        .merge(profile::router())
         .merge(users::router())
+        .merge(recommend::router())
+        .merge(model::router())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_scope))
         .layer(shed);
 
@@ -211,8 +222,10 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let grace = state.settings.shutdown_grace;
+    crate::trainer::prepare(&state).await?;
+    let background = crate::trainer::start(&state);
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app(state)).with_graceful_shutdown(async move {
+    let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(async move {
         shutdown.await;
         let _ = tx.send(true);
     });
@@ -225,6 +238,8 @@ pub async fn serve(
         result = server => result?,
         () = deadline => tracing::warn!("shutdown deadline passed; dropping unfinished requests"),
     }
+    drop(background);
+    crate::trainer::flush_impressions(&state).await;
     Ok(())
 }
 

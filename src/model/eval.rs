@@ -147,6 +147,7 @@ pub fn train_and_evaluate(
         metrics: serde_json::Value::Null,
         knn_weight,
         kind: if network.is_some() { "network" } else { "popular" }.to_owned(),
+        last_seq: 0,
     };
     let mut snapshot = ModelSnapshot::new(meta, data.item_ids.clone(), network, popularity, knn);
     let max_len = cfg.max_len;

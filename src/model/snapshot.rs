@@ -33,6 +33,10 @@ pub struct SnapshotMeta {
     /// `network` when trained weights are present, `popular` when the data
     /// was too small to train (only popularity and co-occurrence then).
     pub kind: String,
+    /// The store's newest arrival number among the events learned from:
+    /// later arrivals are the new events a retraining waits for.
+    #[serde(default)]
+    pub last_seq: i64,
 }
 
 /// The network's weights, row-major.
@@ -94,7 +98,7 @@ fn matvec_add(m: &[f32], v: &[f32], out: &mut [f32]) {
 }
 
 /// A dot product written so that the compiler vectorises it.
-#[inline]
+#[inline(always)]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -172,17 +176,32 @@ impl Weights {
     }
 
     /// scores[i] = dot(q, item i) + bias i, for every dense index (0 too).
+    /// Uses AVX2 when the CPU has it (the binary is built for any x86-64).
     pub fn score_into(&self, q: &[f32], scores: &mut [f32]) {
-        let d = self.dim;
-        for ((row, bias), s) in self
-            .item_emb
-            .chunks_exact(d)
-            .zip(&self.item_bias)
-            .zip(scores.iter_mut())
+        #[cfg(target_arch = "x86_64")]
         {
-            *s = dot(row, q) + bias;
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the CPU has the features the function is built for.
+                unsafe { score_rows_avx2(&self.item_emb, &self.item_bias, q, scores) };
+                return;
+            }
         }
+        score_rows(&self.item_emb, &self.item_bias, q, scores);
     }
+}
+
+#[inline(always)]
+fn score_rows(emb: &[f32], bias: &[f32], q: &[f32], scores: &mut [f32]) {
+    for ((row, bias), s) in emb.chunks_exact(q.len()).zip(bias).zip(scores.iter_mut()) {
+        *s = dot(row, q) + bias;
+    }
+}
+
+/// `score_rows` compiled with AVX2 and FMA enabled.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn score_rows_avx2(emb: &[f32], bias: &[f32], q: &[f32], scores: &mut [f32]) {
+    score_rows(emb, bias, q, scores);
 }
 
 /// The N best (index, score) of `scores`, best first, skipping index 0 and

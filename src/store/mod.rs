@@ -29,6 +29,7 @@ macro_rules! on_pool {
     };
 }
 
+mod profile;
 mod serving;
 pub use serving::{Impression, ItemFlags, OnlineStats, TrainingRun, UserEvent, ITEM_SEPARATOR};
 

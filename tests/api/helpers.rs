@@ -24,6 +24,7 @@ pub enum Db {
 
 pub struct TestApp {
     pub url: String,
+    pub database_url: String,
     pub client: reqwest::Client,
     pub store: Store,
     stop: Option<oneshot::Sender<()>>,
@@ -60,6 +61,14 @@ impl TestApp {
 
     pub async fn delete(&self, path: &str) -> reqwest::Response {
         self.client.delete(self.at(path)).send().await.expect("request sent")
+    }
+
+    /// Stops the server and hands over its SQLite folder (if any), so that
+    /// another server can start on the same store.
+    pub async fn stop_keeping_files(mut self) -> Option<tempfile::TempDir> {
+        let dir = self._dir.take();
+        self.stop().await;
+        dir
     }
 
     /// Stops the server and waits for it.
@@ -156,6 +165,7 @@ pub async fn spawn_app_with(db: Db, adjust: impl FnOnce(&mut Settings)) -> Optio
 
 pub async fn start(settings: Settings, dir: Option<tempfile::TempDir>) -> TestApp {
     let store = recd::server::open_store_waiting(&settings).await.expect("store opens");
+    let database_url = settings.database_url.expose().to_owned();
     let listener = tokio::net::TcpListener::bind(settings.listen).await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("address"));
     let state = AppState::new(store.clone(), settings);
@@ -168,6 +178,7 @@ pub async fn start(settings: Settings, dir: Option<tempfile::TempDir>) -> TestAp
     });
     TestApp {
         url,
+        database_url,
         client: reqwest::Client::new(),
         store,
         stop: Some(stop),
@@ -192,9 +203,32 @@ pub async fn problem(response: reqwest::Response, status: u16) -> Value {
     body
 }
 
-/// Runs each named test function on SQLite and on Postgres.
+/// Runs each named test function on SQLite and on Postgres (`with f;`
+/// first: with settings adjusted by `f`).
 #[macro_export]
 macro_rules! both_stores {
+    (with $adjust:path; $($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(app) = $crate::helpers::spawn_app_with($crate::helpers::Db::Sqlite, $adjust).await {
+                        super::$name(app).await;
+                    }
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(app) = $crate::helpers::spawn_app_with($crate::helpers::Db::Postgres, $adjust).await {
+                        super::$name(app).await;
+                    }
+                }
+            )*
+        }
+    };
     ($($name:ident),* $(,)?) => {
         mod sqlite {
             $(

@@ -1,0 +1,78 @@
+//! What the filters know of the catalogue, in memory: which items are
+//! unavailable or deleted, and each item's categories. Refreshed from the
+//! store's changes since the last look, so every replica sees every write
+//! within a refresh period, and at once after its own writes.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use crate::store::{Store, StoreError};
+
+/// Changes are read again this far back (ms), so that a write committed
+/// late, or stamped by a replica whose clock lags, is not missed.
+const OVERLAP_MS: i64 = 10_000;
+
+#[derive(Debug, Clone, Default)]
+struct Entry {
+    blocked: bool,
+    categories: Vec<String>,
+}
+
+/// Only items that are blocked or have categories take memory: an item
+/// absent here is recommendable and in no category.
+#[derive(Debug, Default)]
+pub struct Catalogue {
+    items: RwLock<HashMap<String, Entry>>,
+    /// The newest change seen; one refresh at a time.
+    since: tokio::sync::Mutex<Option<i64>>,
+}
+
+/// A read view for one request: one lock for every check.
+pub struct View<'a>(std::sync::RwLockReadGuard<'a, HashMap<String, Entry>>);
+
+impl View<'_> {
+    /// Whether the item may be recommended, in `category` if one is given.
+    pub fn allows(&self, item_id: &str, category: Option<&str>) -> bool {
+        match self.0.get(item_id) {
+            None => category.is_none(),
+            Some(e) => !e.blocked && category.is_none_or(|c| e.categories.iter().any(|x| x == c)),
+        }
+    }
+
+    pub fn categories(&self, item_id: &str) -> &[String] {
+        self.0.get(item_id).map_or(&[], |e| e.categories.as_slice())
+    }
+}
+
+impl Catalogue {
+    pub fn view(&self) -> View<'_> {
+        View(self.items.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Reads the catalogue's changes since the last refresh.
+    pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
+        let mut since = self.since.lock().await;
+        let from = since.map_or(i64::MIN, |s| s - OVERLAP_MS);
+        let changes = store.catalogue_changes(from).await?;
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut items = self.items.write().unwrap_or_else(|e| e.into_inner());
+        for change in changes {
+            *since = Some(since.map_or(change.updated_at, |s| s.max(change.updated_at)));
+            let blocked = change.deleted || !change.available;
+            if blocked || !change.categories.is_empty() {
+                items.insert(
+                    change.item_id,
+                    Entry {
+                        blocked,
+                        categories: change.categories,
+                    },
+                );
+            } else {
+                items.remove(&change.item_id);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,369 @@
+//! Ranking for the storefront: a user's next items from their newest events
+//! run through the served snapshot, similar items, popular items, and the
+//! filters every list passes (seen or purchased items, items asked to be left
+//! out, a category, unavailable and deleted items).
+//!
+//! Everything here reads one immutable snapshot, so every answer comes from
+//! exactly one model version; the snapshot is swapped whole by the trainer or
+//! when another replica published one.
+
+mod catalogue;
+mod popular;
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use serde::Serialize;
+
+pub use catalogue::Catalogue;
+pub use popular::PopularCache;
+
+use crate::ingest::EventType;
+use crate::model::{top_n, ModelSnapshot, Step, UserState};
+use crate::store::{Impression, UserEvent};
+
+/// Events of a user read per request: the newest `max_len` feed the model,
+/// all of them say what the user has seen.
+pub const HISTORY_LIMIT: i64 = 1000;
+
+/// What `exclude` asks to leave out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exclude {
+    Seen,
+    Purchased,
+    None,
+}
+
+impl Exclude {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "seen" => Some(Exclude::Seen),
+            "purchased" => Some(Exclude::Purchased),
+            "none" => Some(Exclude::None),
+            _ => None,
+        }
+    }
+}
+
+/// A request for a user's recommendations, validated.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub n: usize,
+    pub category: Option<String>,
+    pub exclude: Exclude,
+    pub exclude_items: Vec<String>,
+    pub explain: bool,
+}
+
+/// Why an item is recommended.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Reason {
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub item_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Scored {
+    pub item_id: String,
+    pub score: f32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<Reason>,
+}
+
+/// The ranking part of a recommendations response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ranked {
+    pub model_version: Option<String>,
+    /// `personalized` or `popular`.
+    pub strategy: &'static str,
+    pub items: Vec<Scored>,
+}
+
+/// A user's recurrent state, valid for one model version and one newest
+/// event.
+#[derive(Debug, Clone)]
+struct CachedState {
+    version: Arc<str>,
+    newest_seq: i64,
+    events: usize,
+    state: UserState,
+}
+
+/// Cached user states: a request by a user whose events did not change
+/// since their last request costs one scoring pass, no LSTM steps.
+const STATE_CACHE_USERS: usize = 200_000;
+
+/// The served model and what ranking needs besides it.
+pub struct Serving {
+    model: ArcSwapOption<ModelSnapshot>,
+    pub catalogue: Catalogue,
+    pub popular: PopularCache,
+    states: quick_cache::sync::Cache<String, CachedState>,
+    impressions: std::sync::Mutex<Vec<Impression>>,
+    /// The newest this many events of a user feed the model.
+    max_len: usize,
+}
+
+impl Serving {
+    pub fn new(max_len: usize) -> Self {
+        Serving {
+            max_len: max_len.max(1),
+            model: ArcSwapOption::empty(),
+            catalogue: Catalogue::default(),
+            popular: PopularCache::default(),
+            states: quick_cache::sync::Cache::new(STATE_CACHE_USERS),
+            impressions: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+thread_local! {
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Serving {
+    /// The snapshot being served, if any.
+    pub fn model(&self) -> Option<Arc<ModelSnapshot>> {
+        self.model.load_full()
+    }
+
+    pub fn version(&self) -> Option<String> {
+        self.model.load().as_ref().map(|m| m.meta.version.clone())
+    }
+
+    /// Serves `snapshot` from now on; requests in flight finish on the one
+    /// they loaded.
+    pub fn publish(&self, snapshot: ModelSnapshot) {
+        let version = snapshot.meta.version.clone();
+        self.model.store(Some(Arc::new(snapshot)));
+        metrics::gauge!("recd_model_items").set(self.model().map_or(0.0, |m| m.items() as f64));
+        tracing::info!(version, "serving model");
+    }
+
+    /// Forgets what is cached of a user (erasure).
+    pub fn forget_user(&self, user_id: &str) {
+        self.states.remove(user_id);
+    }
+
+    /// Counts one impression; `take_impressions` hands them to the store.
+    pub fn record_impression(&self, impression: Impression) {
+        self.impressions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(impression);
+    }
+
+    pub fn take_impressions(&self) -> Vec<Impression> {
+        std::mem::take(&mut *self.impressions.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Puts back impressions the store could not take.
+    pub fn return_impressions(&self, mut impressions: Vec<Impression>) {
+        let mut pending = self.impressions.lock().unwrap_or_else(|e| e.into_inner());
+        impressions.append(&mut pending);
+        *pending = impressions;
+    }
+
+    /// Whether this user gets the cold-start list: no model, or none of
+    /// their items known to it.
+    pub fn is_cold(model: Option<&ModelSnapshot>, events: &[UserEvent]) -> bool {
+        model.is_none_or(|m| !events.iter().any(|e| m.item_index(&e.item_id).is_some()))
+    }
+
+    /// Ranks items for a user with these events (newest first) by `model`.
+    /// Cold users (`is_cold`) get `popular`, filtered.
+    pub fn recommend(
+        &self,
+        model: Option<&ModelSnapshot>,
+        user_id: &str,
+        events: &[UserEvent],
+        request: &Request,
+        popular: &[(String, f64)],
+    ) -> Ranked {
+        let excluded = excluded_ids(events, request);
+        let Some(model) = model else {
+            return self.popular_for(None, popular, request, &excluded);
+        };
+        let max_len = self.max_len;
+        let history: Vec<Step> = events
+            .iter()
+            .rev()
+            .filter_map(|e| {
+                model.item_index(&e.item_id).map(|item| Step {
+                    item,
+                    kind: e.kind as u8,
+                })
+            })
+            .collect();
+        if history.is_empty() {
+            return self.popular_for(Some(model.meta.version.clone()), popular, request, &excluded);
+        }
+        let history = &history[history.len().saturating_sub(max_len)..];
+        let state = self.user_state(user_id, model, events, history);
+        let excluded_index: HashSet<u32> = excluded.iter().filter_map(|id| model.item_index(id)).collect();
+        let catalogue = self.catalogue.view();
+        let best = SCORES.with(|scores| {
+            let mut scores = scores.borrow_mut();
+            model.score_user(history, state.as_ref(), &mut scores);
+            top_n(&scores, request.n, |i| {
+                excluded_index.contains(&i) || !catalogue.allows(model.item_id(i), request.category.as_deref())
+            })
+        });
+        let items = best
+            .into_iter()
+            .map(|(i, score)| Scored {
+                item_id: model.item_id(i).to_owned(),
+                score,
+                reason: request.explain.then(|| reason_for(model, history, i)),
+            })
+            .collect();
+        Ranked {
+            model_version: Some(model.meta.version.clone()),
+            strategy: "personalized",
+            items,
+        }
+    }
+
+    /// The user's state after `history`, from the cache when their newest
+    /// event is the one it was computed for.
+    fn user_state(
+        &self,
+        user_id: &str,
+        model: &ModelSnapshot,
+        events: &[UserEvent],
+        history: &[Step],
+    ) -> Option<UserState> {
+        model.weights.as_ref()?;
+        let newest_seq = events.first().map_or(0, |e| e.seq);
+        if let Some(cached) = self.states.get(user_id) {
+            if *cached.version == *model.meta.version
+                && cached.newest_seq == newest_seq
+                && cached.events == events.len()
+            {
+                return Some(cached.state);
+            }
+        }
+        let state = model.user_state(history, history.len())?;
+        self.states.insert(
+            user_id.to_owned(),
+            CachedState {
+                version: Arc::from(model.meta.version.as_str()),
+                newest_seq,
+                events: events.len(),
+                state: state.clone(),
+            },
+        );
+        Some(state)
+    }
+
+    /// The cold-start list: popular items, narrowed by category.
+    fn popular_for(
+        &self,
+        version: Option<String>,
+        popular: &[(String, f64)],
+        request: &Request,
+        excluded: &HashSet<&str>,
+    ) -> Ranked {
+        let kind = if request.category.is_some() {
+            "category"
+        } else {
+            "popular"
+        };
+        let catalogue = self.catalogue.view();
+        let items = popular
+            .iter()
+            .filter(|(id, _)| !excluded.contains(id.as_str()) && catalogue.allows(id, request.category.as_deref()))
+            .take(request.n)
+            .map(|(id, score)| Scored {
+                item_id: id.clone(),
+                score: *score as f32,
+                reason: request.explain.then_some(Reason { kind, item_id: None }),
+            })
+            .collect();
+        Ranked {
+            model_version: version,
+            strategy: "popular",
+            items,
+        }
+    }
+
+    /// Items like `item_id`: by the learned embeddings plus co-occurrence,
+    /// or by co-occurrence alone for an item seen fewer than
+    /// `MIN_EMBEDDED_INTERACTIONS` times (its embedding learned little).
+    /// `None` when the model does not know the item.
+    pub fn similar(
+        &self,
+        model: &ModelSnapshot,
+        item_id: &str,
+        n: usize,
+        category: Option<&str>,
+    ) -> Option<Vec<Scored>> {
+        let item = model.item_index(item_id)?;
+        let learned = model.weights.is_some()
+            && model.popularity.get(item as usize).copied().unwrap_or(0.0) >= MIN_EMBEDDED_INTERACTIONS;
+        let catalogue = self.catalogue.view();
+        let best = SCORES.with(|scores| {
+            let mut scores = scores.borrow_mut();
+            if learned {
+                model.similar_scores(item, &mut scores);
+            } else {
+                scores.clear();
+                scores.resize(model.items() + 1, f32::NEG_INFINITY);
+                for (j, sim) in model.neighbours.of(item) {
+                    scores[j as usize] = sim;
+                }
+                scores[item as usize] = f32::NEG_INFINITY;
+            }
+            top_n(&scores, n, |i| !catalogue.allows(model.item_id(i), category))
+        });
+        Some(
+            best.into_iter()
+                .map(|(i, score)| Scored {
+                    item_id: model.item_id(i).to_owned(),
+                    score,
+                    reason: None,
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Below this many interactions in the training data an item's similar
+/// items come from co-occurrence alone.
+pub const MIN_EMBEDDED_INTERACTIONS: f32 = 5.0;
+
+/// The item ids a request leaves out for this user.
+fn excluded_ids<'a>(events: &'a [UserEvent], request: &'a Request) -> HashSet<&'a str> {
+    let purchase = EventType::Purchase.code();
+    let mut excluded: HashSet<&str> = match request.exclude {
+        Exclude::Seen => events.iter().map(|e| e.item_id.as_str()).collect(),
+        Exclude::Purchased => events
+            .iter()
+            .filter(|e| e.kind == purchase)
+            .map(|e| e.item_id.as_str())
+            .collect(),
+        Exclude::None => HashSet::new(),
+    };
+    excluded.extend(request.exclude_items.iter().map(String::as_str));
+    excluded
+}
+
+/// `similar_to` the newest of the user's items whose co-occurrence
+/// neighbours include the item, else `sequence`.
+fn reason_for(model: &ModelSnapshot, history: &[Step], item: u32) -> Reason {
+    for step in history.iter().rev().take(20) {
+        if model.neighbours.of(step.item).take(20).any(|(j, _)| j == item) {
+            return Reason {
+                kind: "similar_to",
+                item_id: Some(model.item_id(step.item).to_owned()),
+            };
+        }
+    }
+    Reason {
+        kind: "sequence",
+        item_id: None,
+    }
+}

@@ -1,0 +1,150 @@
+//! What profiles read besides a user's events: the categories of the items
+//! they touched, and the shop-wide figures each profile is scored against.
+
+use std::collections::HashMap;
+
+use super::{Result, Store};
+use crate::ingest::EventType;
+use crate::profile::{RfmCuts, ShopStats, MIN_USUAL_GAP_MS, SESSION_GAP_MS};
+
+/// Every user's sessions, gaps and RFM measures, reduced to the quintile
+/// cuts and the median usual gap. The same rules as `crate::profile`:
+///
+/// - `sessions`: one per distinct `session_id`; events without one start a
+///   new session when more than $1 ms passed since the user's previous
+///   such event;
+/// - `gaps`: a session's start minus the latest end of the user's earlier
+///   sessions (by start, then end), at least 0;
+/// - `usual_gaps`: per user with a gap, the median gap, at least $2 ms;
+/// - `ranked`: per user, the newest event, the session count and the spend
+///   ($3 is the purchase type code), each ranked over all users;
+/// - the result: for k = 1..4, the values at rank ⌈k·n/5⌉ (`(n·k + 4) / 5`
+///   in integers), and on every row the median of the usual gaps.
+///
+/// Window functions and CTEs read the same in Postgres and SQLite.
+const SHOP_STATS: &str = "
+WITH sessionless AS (
+    SELECT user_id, ts, seq, ts - LAG(ts) OVER (PARTITION BY user_id ORDER BY ts, seq) AS since_prev
+    FROM events WHERE session_id IS NULL
+),
+numbered AS (
+    SELECT user_id, ts,
+           SUM(CASE WHEN since_prev IS NULL OR since_prev > $1 THEN 1 ELSE 0 END)
+               OVER (PARTITION BY user_id ORDER BY ts, seq ROWS UNBOUNDED PRECEDING) AS session_no
+    FROM sessionless
+),
+sessions AS (
+    SELECT user_id, MIN(ts) AS start_ts, MAX(ts) AS end_ts FROM events
+    WHERE session_id IS NOT NULL GROUP BY user_id, session_id
+    UNION ALL
+    SELECT user_id, MIN(ts), MAX(ts) FROM numbered GROUP BY user_id, session_no
+),
+raw_gaps AS (
+    SELECT user_id,
+           start_ts - MAX(end_ts) OVER (PARTITION BY user_id ORDER BY start_ts, end_ts
+                                        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS gap
+    FROM sessions
+),
+gaps AS (
+    SELECT user_id, CAST(CASE WHEN gap < 0 THEN 0 ELSE gap END AS DOUBLE PRECISION) AS gap
+    FROM raw_gaps WHERE gap IS NOT NULL
+),
+ranked_gaps AS (
+    SELECT user_id, gap,
+           ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY gap) AS pos,
+           COUNT(*) OVER (PARTITION BY user_id) AS cnt
+    FROM gaps
+),
+usual_gaps AS (
+    SELECT CASE WHEN AVG(gap) < $2 THEN $2 ELSE AVG(gap) END AS usual
+    FROM ranked_gaps WHERE pos = (cnt + 1) / 2 OR pos = (cnt + 2) / 2
+    GROUP BY user_id
+),
+ranked_usual AS (
+    SELECT usual, ROW_NUMBER() OVER (ORDER BY usual) AS pos, COUNT(*) OVER () AS cnt FROM usual_gaps
+),
+per_user AS (
+    SELECT user_id, MAX(ts) AS last_ts,
+           CAST(SUM(CASE WHEN kind = $3 THEN COALESCE(value, 0) ELSE 0 END) AS DOUBLE PRECISION) AS spend
+    FROM events GROUP BY user_id
+),
+session_counts AS (
+    SELECT user_id, COUNT(*) AS sessions FROM sessions GROUP BY user_id
+),
+ranked AS (
+    SELECT p.last_ts, s.sessions, p.spend,
+           ROW_NUMBER() OVER (ORDER BY p.last_ts) AS r_rank,
+           ROW_NUMBER() OVER (ORDER BY s.sessions) AS f_rank,
+           ROW_NUMBER() OVER (ORDER BY p.spend) AS m_rank,
+           COUNT(*) OVER () AS n
+    FROM per_user p JOIN session_counts s ON s.user_id = p.user_id
+),
+fifths AS (
+    SELECT 1 AS k UNION ALL SELECT 2 UNION ALL SELECT 3 UNION ALL SELECT 4
+)
+SELECT MAX(CASE WHEN r.r_rank = (r.n * f.k + 4) / 5 THEN r.last_ts END) AS last_ts,
+       MAX(CASE WHEN r.f_rank = (r.n * f.k + 4) / 5 THEN r.sessions END) AS sessions,
+       MAX(CASE WHEN r.m_rank = (r.n * f.k + 4) / 5 THEN r.spend END) AS spend,
+       (SELECT AVG(usual) FROM ranked_usual WHERE pos = (cnt + 1) / 2 OR pos = (cnt + 2) / 2) AS usual_gap
+FROM ranked r CROSS JOIN fifths f
+GROUP BY f.k ORDER BY f.k";
+
+impl Store {
+    /// The catalogue categories of those of `item_ids` the store knows
+    /// (deleted items too: what a shopper liked stays true).
+    pub async fn item_categories(&self, item_ids: &[&str]) -> Result<HashMap<String, Vec<String>>> {
+        if item_ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<(String, String)> = match self {
+            Store::Postgres(pool) => {
+                sqlx::query_as("SELECT item_id, categories FROM items WHERE item_id = ANY($1)")
+                    .bind(item_ids)
+                    .fetch_all(pool)
+                    .await?
+            }
+            // No arrays in SQLite: the ids travel as one JSON array.
+            Store::Sqlite(pool) => {
+                let ids = serde_json::Value::from(item_ids.to_vec()).to_string();
+                sqlx::query_as(
+                    "SELECT item_id, categories FROM items WHERE item_id IN (SELECT value FROM json_each($1))",
+                )
+                .bind(ids)
+                .fetch_all(pool)
+                .await?
+            }
+        };
+        Ok(rows
+            .into_iter()
+            .map(|(item_id, categories)| (item_id, serde_json::from_str(&categories).unwrap_or_default()))
+            .collect())
+    }
+
+    /// The shop-wide figures profiles are scored against: RFM quintile cuts
+    /// over all users and the median usual gap between sessions. One pass
+    /// over every event: cache the result rather than call it per request.
+    pub async fn shop_stats(&self) -> Result<ShopStats> {
+        let rows = on_pool!(self, pool => {
+            sqlx::query_as::<_, (Option<i64>, Option<i64>, Option<f64>, Option<f64>)>(SHOP_STATS)
+                .bind(SESSION_GAP_MS)
+                .bind(MIN_USUAL_GAP_MS)
+                .bind(EventType::Purchase.code())
+                .fetch_all(pool)
+                .await?
+        });
+        let usual_gap_ms = rows.first().and_then(|row| row.3);
+        let cut = |k: usize| {
+            rows.get(k)
+                .and_then(|&(last, sessions, spend, _)| Some((last?, sessions?, spend?)))
+        };
+        let rfm_cuts = match [cut(0), cut(1), cut(2), cut(3)] {
+            [Some(a), Some(b), Some(c), Some(d)] => Some(RfmCuts {
+                last_seen_ms: [a.0, b.0, c.0, d.0],
+                sessions: [a.1, b.1, c.1, d.1],
+                spend: [a.2, b.2, c.2, d.2],
+            }),
+            _ => None,
+        };
+        Ok(ShopStats { rfm_cuts, usual_gap_ms })
+    }
+}

@@ -1,0 +1,458 @@
+//! Serving: recommendations that follow a user's newest events with no
+//! retrain, filters and cold start, the retrainer's gate, snapshots that
+//! survive a restart and swap under load, click-through counting, erasure.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use recd::config::Settings;
+use recd::demo::{generate, DemoSize};
+use serde_json::{json, Value};
+
+use crate::helpers::{spawn_app_with, start, test_settings, Db, TestApp};
+
+/// A training that takes seconds, and replicas that look often.
+pub fn fast(settings: &mut Settings) {
+    settings.train.dim = 16;
+    settings.train.hidden = 16;
+    settings.train.max_epochs = 4;
+    settings.train.patience = 2;
+    settings.train.validation_cases = 300;
+    settings.train.neighbours = 20;
+    settings.snapshot_poll = Duration::from_millis(200);
+    settings.gate_min_cases = 10;
+}
+
+/// A small generated shop (items in categories, users who walk them in
+/// order), sent through the API.
+pub async fn seed_shop(app: &TestApp, users: usize) -> recd::demo::DemoShop {
+    let shop = generate(
+        DemoSize {
+            items: 60,
+            users,
+            sessions: 3,
+            seed: 11,
+        },
+        chrono::Utc::now().timestamp_millis() - 60_000,
+    );
+    let items: Vec<Value> = shop
+        .items
+        .iter()
+        .map(|i| json!({"item_id": i.item_id, "title": i.title, "categories": i.categories, "price": i.price, "available": i.available}))
+        .collect();
+    assert_eq!(app.post("/v1/items", &json!({"items": items})).await.status(), 200);
+    let events: Vec<Value> = shop
+        .events
+        .iter()
+        .map(|e| {
+            json!({"event_id": e.event_id, "user_id": e.user_id, "item_id": e.item_id, "type": e.kind.name(),
+                   "value": e.value, "session_id": e.session_id,
+                   "timestamp": recd::ingest::format_timestamp(e.ts)})
+        })
+        .collect();
+    for chunk in events.chunks(1000) {
+        let reply: Value = app
+            .post("/v1/events", &json!({"events": chunk}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert!(reply["rejected"].as_array().unwrap().is_empty(), "{reply}");
+    }
+    shop
+}
+
+/// Starts a training and waits for its end; returns `GET /v1/model`.
+pub async fn train_now(app: &TestApp) -> Value {
+    let before = model(app).await["history"].as_array().map_or(0, Vec::len);
+    let reply = app.post("/v1/model/train", &json!({})).await;
+    assert_eq!(reply.status(), 202);
+    assert_eq!(reply.json::<Value>().await.unwrap(), json!({"status": "started"}));
+    wait_training(app, before).await
+}
+
+/// Waits until more than `before` trainings are recorded and none runs.
+pub async fn wait_training(app: &TestApp, before: usize) -> Value {
+    for _ in 0..1200 {
+        let body = model(app).await;
+        let runs = body["history"].as_array().map_or(0, Vec::len);
+        if runs > before && body["last_training"]["outcome"] != "running" {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the training did not end within 120 s");
+}
+
+pub async fn model(app: &TestApp) -> Value {
+    let reply = app.get("/v1/model").await;
+    assert_eq!(reply.status(), 200);
+    reply.json().await.unwrap()
+}
+
+pub async fn recommend(app: &TestApp, user: &str, query: &str) -> Value {
+    let reply = app.get(&format!("/v1/users/{user}/recommendations?{query}")).await;
+    assert_eq!(reply.status(), 200, "{user}?{query}");
+    reply.json().await.unwrap()
+}
+
+pub fn ids(reply: &Value) -> Vec<String> {
+    reply["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["item_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn published(app: &TestApp) -> String {
+    let body = train_now(app).await;
+    assert_eq!(body["last_training"]["outcome"], "published", "{body}");
+    let version = body["version"].as_str().expect("a version").to_owned();
+    assert_eq!(body["last_training"]["version"], version.as_str());
+    version
+}
+
+async fn view(app: &TestApp, user: &str, item: &str) {
+    let reply: Value = app
+        .post(
+            "/v1/events",
+            &json!({"events": [{"user_id": user, "item_id": item, "type": "view"}]}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(reply["accepted"], 1, "{reply}");
+}
+
+async fn a_new_event_changes_the_next_answer(app: TestApp) {
+    let shop = seed_shop(&app, 300).await;
+    let version = published(&app).await;
+    let model = model(&app).await;
+    assert!(model["metrics"]["model"]["ndcg@10"].is_number(), "{model}");
+
+    let before = recommend(&app, "user-1", "n=10").await;
+    assert_eq!(before["strategy"], "personalized");
+    assert_eq!(before["model_version"], version.as_str());
+    assert_eq!(before["user_id"], "user-1");
+    assert!(before["recommendation_id"].as_str().is_some_and(|s| !s.is_empty()));
+    let first = ids(&before);
+    assert_eq!(first.len(), 10);
+    let seen: HashSet<&str> = shop
+        .events
+        .iter()
+        .filter(|e| e.user_id == "user-1")
+        .map(|e| e.item_id.as_str())
+        .collect();
+    assert!(
+        first.iter().all(|i| !seen.contains(i.as_str())),
+        "seen items are excluded by default"
+    );
+
+    // A view of an item from a category the list does not show.
+    let categories = |id: &str| -> Vec<String> {
+        shop.items
+            .iter()
+            .find(|i| i.item_id == id)
+            .map(|i| i.categories.clone())
+            .unwrap_or_default()
+    };
+    let shown: HashSet<String> = first.iter().flat_map(|i| categories(i)).collect();
+    let other = shop
+        .items
+        .iter()
+        .find(|i| i.available && !seen.contains(i.item_id.as_str()) && !shown.contains(&i.categories[0]))
+        .expect("an item of another category");
+    view(&app, "user-1", &other.item_id).await;
+    let after = recommend(&app, "user-1", "n=10").await;
+    assert_eq!(after["model_version"], version.as_str(), "no retrain happened");
+    let second = ids(&after);
+    assert!(!second.contains(&other.item_id));
+    let stripped: Vec<&String> = first.iter().filter(|i| **i != other.item_id).collect();
+    assert_ne!(
+        second.iter().collect::<Vec<_>>(),
+        stripped,
+        "the list is re-ranked by the new event, not only stripped of it"
+    );
+    assert!(
+        second.iter().any(|i| categories(i).contains(&other.categories[0])),
+        "the new event's category appears: {second:?}"
+    );
+
+    // A shopper who just arrived is personalized by their first known item.
+    let cold = recommend(&app, "newcomer", "n=5").await;
+    assert_eq!(cold["strategy"], "popular");
+    view(&app, "newcomer", &other.item_id).await;
+    let warm = recommend(&app, "newcomer", "n=5&explain=true").await;
+    assert_eq!(warm["strategy"], "personalized");
+    for item in warm["items"].as_array().unwrap() {
+        let kind = item["reason"]["kind"].as_str().unwrap();
+        assert!(kind == "sequence" || kind == "similar_to", "{item}");
+        if kind == "similar_to" {
+            assert_eq!(item["reason"]["item_id"], other.item_id.as_str());
+        }
+    }
+}
+
+async fn cold_start_and_filters_hold(app: TestApp) {
+    // No events, no model: popular, empty, never an error.
+    let empty = recommend(&app, "anyone", "").await;
+    assert_eq!(empty["strategy"], "popular");
+    assert_eq!(empty["model_version"], Value::Null);
+    assert_eq!(empty["items"], json!([]));
+
+    let shop = seed_shop(&app, 200).await;
+    let popular: Value = app.get("/v1/popular?n=5").await.json().await.unwrap();
+    let top = ids(&popular);
+    assert_eq!(top.len(), 5);
+    let unknown = recommend(&app, "stranger", "n=5&explain=true").await;
+    assert_eq!(unknown["strategy"], "popular");
+    assert_eq!(ids(&unknown), top, "an unknown user gets the popular items");
+    assert_eq!(unknown["items"][0]["reason"]["kind"], "popular");
+
+    // The most popular item made unavailable, the second deleted: gone.
+    let mut item: Value = app.get(&format!("/v1/items/{}", top[0])).await.json().await.unwrap();
+    item["available"] = json!(false);
+    assert_eq!(app.put(&format!("/v1/items/{}", top[0]), &item).await.status(), 200);
+    assert_eq!(app.delete(&format!("/v1/items/{}", top[1])).await.status(), 204);
+    let popular: Value = app.get("/v1/popular?n=5").await.json().await.unwrap();
+    let now = ids(&popular);
+    assert!(!now.contains(&top[0]) && !now.contains(&top[1]), "{now:?}");
+    assert_eq!(now[..3], top[2..5]);
+
+    // By category, for strangers and known users, before and after training.
+    let in_category = |list: &[String], category: &str| {
+        list.iter().all(|id| {
+            shop.items
+                .iter()
+                .any(|i| &i.item_id == id && i.categories.iter().any(|c| c == category))
+        })
+    };
+    let shoes = recommend(&app, "stranger", "n=5&category=shoes&explain=true").await;
+    assert!(!ids(&shoes).is_empty() && in_category(&ids(&shoes), "shoes"), "{shoes}");
+    assert_eq!(shoes["items"][0]["reason"]["kind"], "category");
+    let version = published(&app).await;
+    for user in ["user-3", "user-4", "stranger"] {
+        let reply = recommend(&app, user, "n=8&category=books").await;
+        // What may be shown: books, available, not deleted, not seen.
+        let allowed: HashSet<&str> = shop
+            .items
+            .iter()
+            .filter(|i| i.categories.iter().any(|c| c == "books") && i.available && !top[..2].contains(&i.item_id))
+            .filter(|i| !shop.events.iter().any(|e| e.user_id == user && e.item_id == i.item_id))
+            .map(|i| i.item_id.as_str())
+            .collect();
+        let shown = ids(&reply);
+        assert!(shown.iter().all(|i| allowed.contains(i.as_str())), "{user}: {reply}");
+        assert_eq!(shown.len(), allowed.len().min(8), "{user}: {reply} of {allowed:?}");
+    }
+
+    // Exclusions: seen (default), purchased, none, and listed items.
+    let user = "user-5";
+    let events: Vec<_> = shop.events.iter().filter(|e| e.user_id == user).collect();
+    let seen: HashSet<&str> = events.iter().map(|e| e.item_id.as_str()).collect();
+    let purchased: HashSet<&str> = events
+        .iter()
+        .filter(|e| e.kind == recd::ingest::EventType::Purchase)
+        .map(|e| e.item_id.as_str())
+        .collect();
+    let all = recommend(&app, user, "n=50&exclude=none").await;
+    assert_eq!(all["model_version"], version.as_str());
+    assert!(
+        ids(&all).iter().any(|i| seen.contains(i.as_str())),
+        "exclude=none may show seen items"
+    );
+    let unseen = recommend(&app, user, "n=50").await;
+    assert!(ids(&unseen).iter().all(|i| !seen.contains(i.as_str())));
+    let unbought = recommend(&app, user, "n=50&exclude=purchased").await;
+    assert!(ids(&unbought).iter().all(|i| !purchased.contains(i.as_str())));
+    let listed = ids(&unseen)[..2].join(",");
+    let without = recommend(&app, user, &format!("n=50&exclude_items={listed}")).await;
+    for id in listed.split(',') {
+        assert!(!ids(&without).iter().any(|i| i == id));
+    }
+
+    // Similar items: known item, unknown item, category.
+    let similar: Value = app
+        .get(&format!("/v1/items/{}/similar?n=5", top[2]))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(similar["model_version"], version.as_str());
+    let like = ids(&similar);
+    assert_eq!(like.len(), 5);
+    assert!(!like.contains(&top[2]) && !like.contains(&top[0]) && !like.contains(&top[1]));
+    crate::helpers::problem(app.get("/v1/items/no-such-item/similar").await, 404).await;
+
+    // Bad parameters name their field.
+    for (query, field) in [
+        ("n=0", "n"),
+        ("n=101", "n"),
+        ("n=ten", "n"),
+        ("exclude=everything", "exclude"),
+        ("explain=maybe", "explain"),
+    ] {
+        let body = crate::helpers::problem(app.get(&format!("/v1/users/u/recommendations?{query}")).await, 422).await;
+        assert_eq!(body["errors"][0]["field"], field, "{query}: {body}");
+    }
+    let body = crate::helpers::problem(app.get("/v1/popular?window=fortnight").await, 422).await;
+    assert_eq!(body["errors"][0]["field"], "window");
+}
+
+async fn clicks_are_counted_per_version(app: TestApp) {
+    seed_shop(&app, 200).await;
+    let version = published(&app).await;
+    let reply = recommend(&app, "user-2", "n=5").await;
+    let rec = reply["recommendation_id"].as_str().unwrap().to_owned();
+    let shown = ids(&reply);
+    recommend(&app, "user-3", "n=5").await;
+    // One event names a shown item (a click); one names another item (none).
+    let events = json!({"events": [
+        {"user_id": "user-2", "item_id": shown[1], "type": "click", "recommendation_id": rec},
+        {"user_id": "user-2", "item_id": "item-59", "type": "view", "recommendation_id": rec},
+    ]});
+    assert_eq!(app.post("/v1/events", &events).await.status(), 200);
+    let model = model(&app).await;
+    let online = model["online"].as_array().unwrap();
+    let mine = online
+        .iter()
+        .find(|o| o["version"] == version.as_str())
+        .unwrap_or_else(|| panic!("{model}"));
+    assert_eq!(mine["impressions"], 2, "{model}");
+    assert_eq!(mine["clicks"], 1, "{model}");
+    assert_eq!(mine["ctr"], 0.5);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(&format!("recd_online_clicks{{version=\"{version}\"}} 1")),
+        "{metrics}"
+    );
+}
+
+async fn erasure_reaches_recommendations(app: TestApp) {
+    seed_shop(&app, 200).await;
+    published(&app).await;
+    assert_eq!(recommend(&app, "user-7", "").await["strategy"], "personalized");
+    assert_eq!(app.get("/v1/users/user-7/profile").await.status(), 200);
+    let reply: Value = app.delete("/v1/users/user-7").await.json().await.unwrap();
+    assert!(reply["deleted_events"].as_u64().unwrap() > 0);
+    let after = recommend(&app, "user-7", "").await;
+    assert_eq!(
+        after["strategy"], "popular",
+        "nothing of the user is left to personalize with"
+    );
+}
+
+crate::both_stores!(with crate::serving::fast;
+    a_new_event_changes_the_next_answer,
+    cold_start_and_filters_hold,
+    clicks_are_counted_per_version,
+    erasure_reaches_recommendations,
+);
+
+mod lifecycle {
+    //! A restart, a failed and a rejected training, a swap under load.
+
+    use super::*;
+
+    async fn restart_failure_rejection_and_swap(db: Db) {
+        let Some(app) = spawn_app_with(db, fast).await else {
+            return;
+        };
+        seed_shop(&app, 200).await;
+        let v1 = published(&app).await;
+        let url = app.database_url.clone();
+        let dir = app.stop_keeping_files().await;
+
+        // A restart serves the stored snapshot at once; a training that
+        // fails (an invalid setting) keeps it.
+        let mut broken = test_settings(&url);
+        fast(&mut broken);
+        broken.train.dim = 0;
+        let app = start(broken, dir).await;
+        let served = model(&app).await;
+        assert_eq!(served["version"], v1.as_str(), "served at once after a restart");
+        assert_eq!(recommend(&app, "user-1", "").await["model_version"], v1.as_str());
+        let failed = train_now(&app).await;
+        assert_eq!(failed["last_training"]["outcome"], "failed", "{failed}");
+        assert!(
+            failed["last_training"]["reason"].as_str().unwrap().contains("dim"),
+            "{failed}"
+        );
+        assert_eq!(failed["version"], v1.as_str());
+        let dir = app.stop_keeping_files().await;
+
+        // A candidate that cannot pass the gate is rejected.
+        let mut strict = test_settings(&url);
+        fast(&mut strict);
+        strict.gate_margin = 1.0;
+        let app = start(strict, dir).await;
+        let rejected = train_now(&app).await;
+        assert_eq!(rejected["last_training"]["outcome"], "rejected", "{rejected}");
+        // No events newer than v1's data: judged against the baselines.
+        let reason = rejected["last_training"]["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("most-popular") && reason.contains("item-kNN"),
+            "{reason}"
+        );
+        assert_eq!(rejected["version"], v1.as_str());
+        assert!(rejected["history"].as_array().unwrap().len() >= 3);
+        let dir = app.stop_keeping_files().await;
+
+        // A swap while requests run: every answer names one version.
+        let mut lenient = test_settings(&url);
+        fast(&mut lenient);
+        lenient.gate_margin = -1.0;
+        let app = std::sync::Arc::new(start(lenient, dir).await);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut readers = Vec::new();
+        for r in 0..4 {
+            let (app, stop) = (app.clone(), stop.clone());
+            readers.push(tokio::spawn(async move {
+                let mut versions = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let reply = recommend(&app, &format!("user-{}", r * 13 % 200), "n=10").await;
+                    versions.push(reply["model_version"].as_str().unwrap().to_owned());
+                }
+                versions
+            }));
+        }
+        // Events newer than v1's data for 20 users: the candidate is judged
+        // against the served model on them.
+        for u in 0..20 {
+            view(&app, &format!("user-{u}"), "item-7").await;
+        }
+        let before = model(&app).await["history"].as_array().unwrap().len();
+        assert_eq!(app.post("/v1/model/train", &json!({})).await.status(), 202);
+        // A training already running: 409.
+        crate::helpers::problem(app.post("/v1/model/train", &json!({})).await, 409).await;
+        let body = wait_training(&app, before).await;
+        assert_eq!(body["last_training"]["outcome"], "published", "{body}");
+        let reason = body["last_training"]["reason"].as_str().unwrap();
+        assert!(
+            reason.contains("served model") && reason.contains("20 users"),
+            "{reason}"
+        );
+        let v2 = body["version"].as_str().unwrap().to_owned();
+        assert_ne!(v1, v2);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut seen = HashSet::new();
+        for reader in readers {
+            seen.extend(reader.await.unwrap());
+        }
+        assert!(seen.contains(&v2), "{seen:?}");
+        assert!(seen.iter().all(|v| *v == v1 || *v == v2), "{seen:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        restart_failure_rejection_and_swap(Db::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        restart_failure_rejection_and_swap(Db::Postgres).await;
+    }
+}
