@@ -272,7 +272,7 @@ async fn prepare_synthetic(args: &Args, cache: &Path) -> anyhow::Result<Prepared
     );
     let dir = cache.join(format!("synthetic-{n}"));
     let db = dir.join("bench.db");
-    let key = format!("items={n} users={users} events_per_user={per_user} seed={SEED} dim=64 hidden=64");
+    let key = format!("items={n} users={users} events_per_user={per_user} seed={SEED} dim=64 hidden=64 meta=2");
     let user_ids: Vec<String> = (0..users).map(|u| format!("user{u:06}")).collect();
     if !args.fresh && is_ready(&dir, &key) {
         println!(
@@ -360,6 +360,7 @@ async fn prepare_synthetic(args: &Args, cache: &Path) -> anyhow::Result<Prepared
             metrics: serde_json::Value::Null,
             knn_weight: 0.0,
             kind: "network".to_owned(),
+            last_seq: store.max_event_seq().await?,
         };
         let snapshot = ModelSnapshot::new(meta, item_ids, Some(weights), popularity, neighbours);
         let bytes = snapshot.to_bytes()?;
