@@ -272,7 +272,9 @@ async fn prepare_synthetic(args: &Args, cache: &Path) -> anyhow::Result<Prepared
     );
     let dir = cache.join(format!("synthetic-{n}"));
     let db = dir.join("bench.db");
-    let key = format!("items={n} users={users} events_per_user={per_user} seed={SEED} dim=64 hidden=64 meta=2");
+    let key = format!(
+        "items={n} users={users} events_per_user={per_user} seed={SEED} dim=64 hidden=64 meta=2 catalogue=spaced"
+    );
     let user_ids: Vec<String> = (0..users).map(|u| format!("user{u:06}")).collect();
     if !args.fresh && is_ready(&dir, &key) {
         println!(
@@ -287,8 +289,14 @@ async fn prepare_synthetic(args: &Args, cache: &Path) -> anyhow::Result<Prepared
         let item_ids: Vec<String> = (1..=n).map(|i| format!("item{i:07}")).collect();
         let now = chrono::Utc::now().timestamp_millis();
 
-        // The whole catalogue, so that every snapshot item exists.
-        for chunk in item_ids.chunks(50_000) {
+        // The whole catalogue, so that every snapshot item exists, written
+        // as a shop's grows: in batches some time apart. (Stamped all at
+        // once, every replica's catalogue refresh would read the whole
+        // catalogue again every poll: it rereads the 10 s before the newest
+        // change.)
+        let batches = n.div_ceil(1000) as i64;
+        for (k, chunk) in item_ids.chunks(1000).enumerate() {
+            let stamp = now - (batches - k as i64) * 11_000;
             let items: Vec<Item> = chunk
                 .iter()
                 .map(|id| Item {
@@ -300,7 +308,7 @@ async fn prepare_synthetic(args: &Args, cache: &Path) -> anyhow::Result<Prepared
                     attributes: serde_json::Map::new(),
                 })
                 .collect();
-            store.put_items(&items, now).await?;
+            store.put_items(&items, stamp).await?;
         }
         println!("  catalogue: {n} items ({:.0} s)", started.elapsed().as_secs_f64());
 
