@@ -149,6 +149,7 @@ pub fn start(state: &AppState) -> Option<Background> {
         tokio::spawn(schedule(state.clone())),
         tokio::spawn(refresh_catalogue(state.clone(), poll)),
         tokio::spawn(flush_impressions_every(state.clone(), Duration::from_secs(1))),
+        tokio::spawn(follow_events(state.clone())),
     ];
     if matches!(state.store, Store::Postgres(_)) {
         tasks.push(tokio::spawn(listen(state.clone())));
@@ -172,6 +173,16 @@ async fn flush_impressions_every(state: AppState, period: Duration) {
     loop {
         tokio::time::sleep(period).await;
         flush_impressions(&state).await;
+    }
+}
+
+/// Drops cached histories of users with events stored elsewhere.
+async fn follow_events(state: AppState) {
+    loop {
+        if let Err(e) = state.serving.histories.follow(&state.store).await {
+            tracing::debug!(error = %e, "cannot follow new events");
+        }
+        tokio::time::sleep(crate::recommend::FOLLOW_EVERY).await;
     }
 }
 

@@ -60,6 +60,11 @@ async fn ingest(State(state): State<AppState>, body: Result<Bytes, BytesRejectio
         .store
         .insert_events_known(&valid, now, Some(&state.known_items))
         .await?;
+    // Their next recommendations read the new events.
+    state
+        .serving
+        .histories
+        .invalidate(valid.iter().map(|e| e.user_id.as_str()));
     if accepted > 0 {
         state.serving.popular.invalidate();
     }

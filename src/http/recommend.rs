@@ -112,7 +112,11 @@ async fn recommendations(
     let started = Instant::now();
     path_id("user_id", &user_id)?;
     let request = parse_request(&params)?;
-    let events = state.store.user_events(&user_id, HISTORY_LIMIT).await?;
+    let events = state
+        .serving
+        .histories
+        .get(&state.store, &user_id, HISTORY_LIMIT)
+        .await?;
     let model = state.serving.model();
     let popular = if Serving::is_cold(model.as_deref(), &events) {
         Some(

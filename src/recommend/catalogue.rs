@@ -8,9 +8,11 @@ use std::sync::RwLock;
 
 use crate::store::{Store, StoreError};
 
-/// Changes are read again this far back (ms), so that a write committed
-/// late, or stamped by a replica whose clock lags, is not missed.
-const OVERLAP_MS: i64 = 10_000;
+/// While the newest change seen is this recent (ms, by the wall clock),
+/// changes are read again from this far before it, so that a write
+/// committed late, or stamped by a replica whose clock lags a little, is not
+/// missed. Older than that, only newer changes are read.
+const OVERLAP_MS: i64 = 3_000;
 
 #[derive(Debug, Clone, Default)]
 struct Entry {
@@ -52,7 +54,12 @@ impl Catalogue {
     /// Reads the catalogue's changes since the last refresh.
     pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
         let mut since = self.since.lock().await;
-        let from = since.map_or(i64::MIN, |s| s - OVERLAP_MS);
+        let now = chrono::Utc::now().timestamp_millis();
+        let from = match *since {
+            None => i64::MIN,
+            Some(s) if now - s <= OVERLAP_MS => s - OVERLAP_MS,
+            Some(s) => s + 1,
+        };
         let changes = store.catalogue_changes(from).await?;
         if changes.is_empty() {
             return Ok(());

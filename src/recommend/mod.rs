@@ -8,6 +8,7 @@
 //! when another replica published one.
 
 mod catalogue;
+mod history;
 mod popular;
 
 use std::cell::RefCell;
@@ -18,6 +19,7 @@ use arc_swap::ArcSwapOption;
 use serde::Serialize;
 
 pub use catalogue::Catalogue;
+pub use history::{Histories, FOLLOW_EVERY};
 pub use popular::PopularCache;
 
 use crate::ingest::EventType;
@@ -101,6 +103,8 @@ pub struct Serving {
     model: ArcSwapOption<ModelSnapshot>,
     pub catalogue: Catalogue,
     pub popular: PopularCache,
+    /// Users' newest events.
+    pub histories: Histories,
     states: quick_cache::sync::Cache<String, CachedState>,
     impressions: std::sync::Mutex<Vec<Impression>>,
     /// The newest this many events of a user feed the model.
@@ -114,6 +118,7 @@ impl Serving {
             model: ArcSwapOption::empty(),
             catalogue: Catalogue::default(),
             popular: PopularCache::default(),
+            histories: Histories::default(),
             states: quick_cache::sync::Cache::new(STATE_CACHE_USERS),
             impressions: std::sync::Mutex::new(Vec::new()),
         }
@@ -145,6 +150,7 @@ impl Serving {
 
     /// Forgets what is cached of a user (erasure).
     pub fn forget_user(&self, user_id: &str) {
+        self.histories.invalidate([user_id]);
         self.states.remove(user_id);
     }
 

@@ -122,6 +122,18 @@ impl Store {
         Ok(seq.unwrap_or(0))
     }
 
+    /// The users with events that arrived after arrival number `seq`, and
+    /// the newest arrival number among them (`seq` when there are none).
+    pub async fn users_with_events_after(&self, seq: i64) -> Result<(Vec<String>, i64)> {
+        const SELECT: &str = "SELECT user_id, MAX(seq) FROM events WHERE seq > $1 GROUP BY user_id";
+        let rows = on_pool!(self, pool => sqlx::query_as::<_, (String, i64)>(SELECT)
+            .bind(seq)
+            .fetch_all(pool)
+            .await?);
+        let newest = rows.iter().map(|(_, s)| *s).max().unwrap_or(seq);
+        Ok((rows.into_iter().map(|(user, _)| user).collect(), newest))
+    }
+
     /// How many events arrived after arrival number `seq`.
     pub async fn count_events_after(&self, seq: i64) -> Result<i64> {
         let n = on_pool!(self, pool => sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE seq > $1")

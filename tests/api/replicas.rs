@@ -135,6 +135,30 @@ async fn one_replica_trains_both_serve_and_the_other_takes_over() {
         "{runs:?}"
     );
 
+    // An event stored through one replica shows in the other's next answers.
+    let (a, b) = (&replicas[0].base, &replicas[1].base);
+    let recs = |base: &str| format!("{base}/v1/users/user-1/recommendations?n=5");
+    let before = get(&client, recs(b)).await.unwrap();
+    assert_eq!(before["strategy"], "personalized", "{before}");
+    let shown = before["items"][0]["item_id"].as_str().unwrap().to_owned();
+    let event = json!({"events": [{"user_id": "user-1", "item_id": shown, "type": "view"}]});
+    let reply = client.post(format!("{a}/v1/events")).json(&event).send().await.unwrap();
+    assert_eq!(reply.status(), 200);
+    let posted = Instant::now();
+    let after = wait_for(&client, &recs(b), Duration::from_secs(5), |body| {
+        body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["item_id"] != shown.as_str())
+    })
+    .await;
+    eprintln!(
+        "the other replica answered with the new event after {:?}",
+        posted.elapsed()
+    );
+    assert_eq!(after["model_version"], version.as_str());
+
     // Kill the trainer; new events arrive; the other takes over and trains.
     let dead = replicas.remove(leader);
     Command::new("kill")
