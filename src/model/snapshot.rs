@@ -228,22 +228,20 @@ pub fn top_n(scores: &[f32], n: usize, mut skip: impl FnMut(u32) -> bool) -> Vec
         return Vec::new();
     }
     let mut heap = BinaryHeap::with_capacity(n + 1);
+    // The score to beat: the worst kept once n are kept. NaN and -inf never
+    // beat it, so they are never kept.
+    let mut threshold = f32::NEG_INFINITY;
     for (i, &s) in scores.iter().enumerate().skip(1) {
-        if s.is_nan() || s == f32::NEG_INFINITY {
-            continue;
-        }
-        if heap.len() == n {
-            let worst: &Entry = heap.peek().expect("full heap");
-            if s <= worst.0 {
-                continue;
-            }
-        }
-        if skip(i as u32) {
+        let beats = s > threshold;
+        if !beats || skip(i as u32) {
             continue;
         }
         heap.push(Entry(s, i as u32));
         if heap.len() > n {
             heap.pop();
+        }
+        if heap.len() == n {
+            threshold = heap.peek().map_or(f32::NEG_INFINITY, |e| e.0);
         }
     }
     let mut best: Vec<(u32, f32)> = heap.into_iter().map(|e| (e.1, e.0)).collect();
