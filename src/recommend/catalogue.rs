@@ -27,6 +27,8 @@ pub struct Catalogue {
     items: RwLock<HashMap<String, Entry>>,
     /// The newest change seen; one refresh at a time.
     since: tokio::sync::Mutex<Option<i64>>,
+    /// Bumped whenever what the filters see changes.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// A read view for one request: one lock for every check.
@@ -47,6 +49,11 @@ impl View<'_> {
 }
 
 impl Catalogue {
+    /// Changes whenever an item's flags or categories change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn view(&self) -> View<'_> {
         View(self.items.read().unwrap_or_else(|e| e.into_inner()))
     }
@@ -65,20 +72,26 @@ impl Catalogue {
             return Ok(());
         }
         let mut items = self.items.write().unwrap_or_else(|e| e.into_inner());
+        let mut changed = false;
         for change in changes {
             *since = Some(since.map_or(change.updated_at, |s| s.max(change.updated_at)));
             let blocked = change.deleted || !change.available;
             if blocked || !change.categories.is_empty() {
-                items.insert(
-                    change.item_id,
-                    Entry {
-                        blocked,
-                        categories: change.categories,
-                    },
-                );
-            } else {
-                items.remove(&change.item_id);
+                let entry = Entry {
+                    blocked,
+                    categories: change.categories,
+                };
+                let known = items.get(&change.item_id);
+                if known.is_none_or(|e| e.blocked != entry.blocked || e.categories != entry.categories) {
+                    items.insert(change.item_id, entry);
+                    changed = true;
+                }
+            } else if items.remove(&change.item_id).is_some() {
+                changed = true;
             }
+        }
+        if changed {
+            self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         Ok(())
     }

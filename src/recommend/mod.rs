@@ -85,17 +85,41 @@ pub struct Ranked {
 }
 
 /// A user's recurrent state, valid for one model version and one newest
-/// event.
+/// event, and the last ranking made from it.
 #[derive(Debug, Clone)]
 struct CachedState {
     version: Arc<str>,
     newest_seq: i64,
     events: usize,
-    state: UserState,
+    state: Option<UserState>,
+    ranked: Option<(RankingKey, Vec<(u32, f32)>)>,
+}
+
+/// What besides the user's events and the model decides a ranking.
+#[derive(Debug, Clone, PartialEq)]
+struct RankingKey {
+    n: usize,
+    category: Option<String>,
+    exclude: Exclude,
+    exclude_items: Vec<String>,
+    catalogue: u64,
+}
+
+impl RankingKey {
+    fn of(request: &Request, catalogue: u64) -> Self {
+        RankingKey {
+            n: request.n,
+            category: request.category.clone(),
+            exclude: request.exclude,
+            exclude_items: request.exclude_items.clone(),
+            catalogue,
+        }
+    }
 }
 
 /// Cached user states: a request by a user whose events did not change
-/// since their last request costs one scoring pass, no LSTM steps.
+/// since their last request costs one scoring pass, no LSTM steps; the same
+/// request again costs no scoring.
 const STATE_CACHE_USERS: usize = 200_000;
 
 /// The served model and what ranking needs besides it.
@@ -208,16 +232,42 @@ impl Serving {
             return self.popular_for(Some(model.meta.version.clone()), popular, request, &excluded);
         }
         let history = &history[history.len().saturating_sub(max_len)..];
-        let state = self.user_state(user_id, model, events, history);
-        let excluded_index: HashSet<u32> = excluded.iter().filter_map(|id| model.item_index(id)).collect();
-        let catalogue = self.catalogue.view();
-        let best = SCORES.with(|scores| {
-            let mut scores = scores.borrow_mut();
-            model.score_user(history, state.as_ref(), &mut scores);
-            top_n(&scores, request.n, |i| {
-                excluded_index.contains(&i) || !catalogue.allows(model.item_id(i), request.category.as_deref())
-            })
+        // The same user, events, model, catalogue and question as last time:
+        // the same ranking, with no scoring.
+        let key = RankingKey::of(request, self.catalogue.generation());
+        let newest_seq = events.first().map_or(0, |e| e.seq);
+        let cached = self.states.get(user_id).filter(|c| {
+            *c.version == *model.meta.version && c.newest_seq == newest_seq && c.events == events.len()
         });
+        let best = match cached.as_ref().and_then(|c| c.ranked.as_ref().filter(|(k, _)| *k == key)) {
+            Some((_, best)) => best.clone(),
+            None => {
+                let state = match cached {
+                    Some(c) => c.state,
+                    None => model.user_state(history, history.len()),
+                };
+                let excluded_index: HashSet<u32> = excluded.iter().filter_map(|id| model.item_index(id)).collect();
+                let catalogue = self.catalogue.view();
+                let best = SCORES.with(|scores| {
+                    let mut scores = scores.borrow_mut();
+                    model.score_user(history, state.as_ref(), &mut scores);
+                    top_n(&scores, request.n, |i| {
+                        excluded_index.contains(&i) || !catalogue.allows(model.item_id(i), request.category.as_deref())
+                    })
+                });
+                self.states.insert(
+                    user_id.to_owned(),
+                    CachedState {
+                        version: Arc::from(model.meta.version.as_str()),
+                        newest_seq,
+                        events: events.len(),
+                        state,
+                        ranked: Some((key, best.clone())),
+                    },
+                );
+                best
+            }
+        };
         let items = best
             .into_iter()
             .map(|(i, score)| Scored {
@@ -231,38 +281,6 @@ impl Serving {
             strategy: "personalized",
             items,
         }
-    }
-
-    /// The user's state after `history`, from the cache when their newest
-    /// event is the one it was computed for.
-    fn user_state(
-        &self,
-        user_id: &str,
-        model: &ModelSnapshot,
-        events: &[UserEvent],
-        history: &[Step],
-    ) -> Option<UserState> {
-        model.weights.as_ref()?;
-        let newest_seq = events.first().map_or(0, |e| e.seq);
-        if let Some(cached) = self.states.get(user_id) {
-            if *cached.version == *model.meta.version
-                && cached.newest_seq == newest_seq
-                && cached.events == events.len()
-            {
-                return Some(cached.state);
-            }
-        }
-        let state = model.user_state(history, history.len())?;
-        self.states.insert(
-            user_id.to_owned(),
-            CachedState {
-                version: Arc::from(model.meta.version.as_str()),
-                newest_seq,
-                events: events.len(),
-                state: state.clone(),
-            },
-        );
-        Some(state)
     }
 
     /// The cold-start list: popular items, narrowed by category.
