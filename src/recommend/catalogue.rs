@@ -62,12 +62,18 @@ impl Catalogue {
     pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
         let mut since = self.since.lock().await;
         let now = chrono::Utc::now().timestamp_millis();
-        let from = match *since {
-            None => i64::MIN,
-            Some(s) if now - s <= OVERLAP_MS => s - OVERLAP_MS,
-            Some(s) => s + 1,
+        let changes = match *since {
+            None => {
+                // The first load: only items the filters must know of, and
+                // the newest change of all, to go on from.
+                let newest = store.newest_item_change_ms().await?;
+                let changes = store.catalogue_changes(i64::MIN, true).await?;
+                *since = newest;
+                changes
+            }
+            Some(s) if now - s <= OVERLAP_MS => store.catalogue_changes(s - OVERLAP_MS, false).await?,
+            Some(s) => store.catalogue_changes(s + 1, false).await?,
         };
-        let changes = store.catalogue_changes(from).await?;
         if changes.is_empty() {
             return Ok(());
         }

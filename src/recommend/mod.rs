@@ -236,10 +236,14 @@ impl Serving {
         // the same ranking, with no scoring.
         let key = RankingKey::of(request, self.catalogue.generation());
         let newest_seq = events.first().map_or(0, |e| e.seq);
-        let cached = self.states.get(user_id).filter(|c| {
-            *c.version == *model.meta.version && c.newest_seq == newest_seq && c.events == events.len()
-        });
-        let best = match cached.as_ref().and_then(|c| c.ranked.as_ref().filter(|(k, _)| *k == key)) {
+        let cached = self
+            .states
+            .get(user_id)
+            .filter(|c| *c.version == *model.meta.version && c.newest_seq == newest_seq && c.events == events.len());
+        let best = match cached
+            .as_ref()
+            .and_then(|c| c.ranked.as_ref().filter(|(k, _)| *k == key))
+        {
             Some((_, best)) => best.clone(),
             None => {
                 let state = match cached {

@@ -90,12 +90,14 @@ impl Store {
     }
 
     /// Items written at or after `since_ms` (catalogue writes and items first
-    /// named by events), oldest change first.
-    pub async fn catalogue_changes(&self, since_ms: i64) -> Result<Vec<ItemFlags>> {
+    /// named by events), oldest change first; with `flagged_only`, only those
+    /// unavailable, deleted or in a category (what a first load needs).
+    pub async fn catalogue_changes(&self, since_ms: i64, flagged_only: bool) -> Result<Vec<ItemFlags>> {
         const SELECT: &str = "SELECT item_id, categories, available, deleted, updated_at FROM items
-             WHERE updated_at >= $1 ORDER BY updated_at";
+             WHERE updated_at >= $1 AND (NOT $2 OR deleted OR NOT available OR categories <> '[]')
+             ORDER BY updated_at";
         let rows = on_pool!(self, pool => {
-            sqlx::query(SELECT).bind(since_ms).fetch_all(pool).await?.into_iter().map(|row| ItemFlags {
+            sqlx::query(SELECT).bind(since_ms).bind(flagged_only).fetch_all(pool).await?.into_iter().map(|row| ItemFlags {
                 item_id: row.get("item_id"),
                 categories: serde_json::from_str(row.get::<&str, _>("categories")).unwrap_or_default(),
                 available: row.get("available"),
@@ -104,6 +106,14 @@ impl Store {
             }).collect::<Vec<_>>()
         });
         Ok(rows)
+    }
+
+    /// The newest catalogue change (ms), if any item exists.
+    pub async fn newest_item_change_ms(&self) -> Result<Option<i64>> {
+        let ts = on_pool!(self, pool => sqlx::query_scalar::<_, Option<i64>>("SELECT MAX(updated_at) FROM items")
+            .fetch_one(pool)
+            .await?);
+        Ok(ts)
     }
 
     /// The newest event timestamp in the store, if any.
