@@ -394,22 +394,7 @@ impl Store {
     /// Every event as the model reads it, in time order (ties in arrival
     /// order).
     pub async fn training_events(&self) -> Result<Vec<EventRow>> {
-        let rows = on_pool!(self, pool => {
-            sqlx::query_as::<_, (String, String, i16, i64)>(
-                "SELECT user_id, item_id, kind, ts FROM events ORDER BY ts, seq",
-            )
-            .fetch_all(pool)
-            .await?
-        });
-        Ok(rows
-            .into_iter()
-            .map(|(user_id, item_id, kind, timestamp_ms)| EventRow {
-                user_id,
-                item_id,
-                kind: kind as u8,
-                timestamp_ms,
-            })
-            .collect())
+        self.training_events_upto(i64::MAX).await
     }
 
     /// Stores a snapshot and forgets all but the newest `keep`.

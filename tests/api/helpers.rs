@@ -144,6 +144,15 @@ pub async fn fresh_database(db: Db) -> Option<(String, Option<tempfile::TempDir>
     }
 }
 
+/// A loopback port nobody listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("a free port")
+        .local_addr()
+        .expect("its address")
+        .port()
+}
+
 pub fn test_settings(database_url: &str) -> Settings {
     let mut settings = Settings::with_database(database_url).expect("default settings");
     settings.listen = "127.0.0.1:0".parse().expect("address");

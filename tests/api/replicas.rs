@@ -8,15 +8,7 @@ use std::time::{Duration, Instant};
 use recd::store::{Store, StoreOptions};
 use serde_json::{json, Value};
 
-use crate::helpers::{fresh_database, Db};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::helpers::{free_port, fresh_database, Db};
 
 /// A replica that trains small models often.
 fn spawn_replica(database_url: &str, port: u16) -> Child {
