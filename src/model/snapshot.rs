@@ -120,22 +120,32 @@ impl Weights {
         self.item_bias.len() - 1
     }
 
-    /// One LSTM step: the state after `step`.
+    /// One LSTM step: the state after `step`. Allocates nothing (scratch
+    /// buffers are kept per thread).
     pub fn advance(&self, state: &mut UserState, step: Step) {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+        }
+        SCRATCH.with(|scratch| {
+            let (x, gates) = &mut *scratch.borrow_mut();
+            self.advance_with(state, step, x, gates);
+        });
+    }
+
+    fn advance_with(&self, state: &mut UserState, step: Step, x: &mut Vec<f32>, gates: &mut Vec<f32>) {
         let (d, h) = (self.dim, self.hidden);
         let item = step.item as usize;
         let kind = (step.kind as usize).min(KINDS - 1);
-        let mut x = vec![0f32; d];
         let (e, t) = (
             &self.item_emb[item * d..(item + 1) * d],
             &self.kind_emb[kind * d..(kind + 1) * d],
         );
-        for ((x, e), t) in x.iter_mut().zip(e).zip(t) {
-            *x = e + t;
-        }
-        let mut gates = self.b.clone();
-        matvec_add(&self.w_ih, &x, &mut gates);
-        matvec_add(&self.w_hh, &state.h, &mut gates);
+        x.clear();
+        x.extend(e.iter().zip(t).map(|(e, t)| e + t));
+        gates.clear();
+        gates.extend_from_slice(&self.b);
+        matvec_add(&self.w_ih, x, gates);
+        matvec_add(&self.w_hh, &state.h, gates);
         for k in 0..h {
             let i = sigmoid(gates[k]);
             let f = sigmoid(gates[h + k]);
