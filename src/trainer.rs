@@ -103,10 +103,11 @@ impl Trainer {
 pub async fn prepare(state: &AppState) -> anyhow::Result<()> {
     load_latest(state).await?;
     state.serving.catalogue.refresh(&state.store).await?;
-    state
-        .store
-        .abandon_trainings(&state.trainer.replica, crate::http::now_ms())
-        .await?;
+    if matches!(state.store, Store::Sqlite(_)) {
+        // One process serves an SQLite file: a run left `running` died
+        // with the process before this one.
+        state.store.abandon_trainings(crate::http::now_ms()).await?;
+    }
     Ok(())
 }
 
@@ -352,6 +353,11 @@ pub async fn start_training(state: &AppState) -> Result<(), Busy> {
         if !taken {
             state.trainer.running.store(false, Ordering::SeqCst);
             return Err(Busy::Elsewhere);
+        }
+        // With the training lock ours, a run still marked `running` is one
+        // whose replica died.
+        if let Err(e) = state.store.abandon_trainings(crate::http::now_ms()).await {
+            tracing::warn!(error = %e, "cannot close abandoned trainings");
         }
     }
     *state.trainer.last_attempt.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());

@@ -267,14 +267,14 @@ impl Store {
             .collect())
     }
 
-    /// Marks runs of `replica` still `running` as failed: a process that
-    /// restarts cannot be training.
-    pub async fn abandon_trainings(&self, replica: &str, now_ms: i64) -> Result<()> {
+    /// Marks every run still `running` as failed: called only when no
+    /// training can be running (by the process that just took the training
+    /// lock, or at the start of the one process an SQLite file has).
+    pub async fn abandon_trainings(&self, now_ms: i64) -> Result<()> {
         on_pool!(self, pool => sqlx::query(
-            "UPDATE trainings SET outcome = 'failed', reason = 'the process stopped during training', finished_at = $2
-             WHERE outcome = 'running' AND replica = $1",
+            "UPDATE trainings SET outcome = 'failed', reason = 'the process stopped during training', finished_at = $1
+             WHERE outcome = 'running'",
         )
-        .bind(replica)
         .bind(now_ms)
         .execute(pool)
         .await

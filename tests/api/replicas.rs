@@ -180,5 +180,8 @@ async fn one_replica_trains_both_serve_and_the_other_takes_over() {
     assert_ne!(survivor_id, leader_id);
     assert_eq!(body["last_training"]["replica"], survivor_id, "{body}");
     assert_eq!(body["last_training"]["outcome"], "published", "{body}");
+    // A run the killed replica left behind is closed, not `running` forever.
+    let runs = store.trainings(100).await.unwrap();
+    assert!(runs.iter().all(|r| r.outcome != "running"), "{runs:?}");
     store.close().await;
 }
