@@ -53,6 +53,10 @@ pub struct Settings {
     /// The window of the cold-start popular list; `None` when `0` (all).
     #[serde(deserialize_with = "optional_duration")]
     pub popular_window: Option<Duration>,
+    /// Impressions (one row per recommendations response) are kept this
+    /// long; click-through figures cover this window.
+    #[serde(deserialize_with = "duration")]
+    pub impressions_retention: Duration,
     /// The model's training settings (`[train]`; `RECD_TRAIN__DIM=32` and so on).
     #[serde(default)]
     pub train: crate::model::TrainConfig,

@@ -170,10 +170,26 @@ pub async fn flush_impressions(state: &AppState) {
     }
 }
 
+/// Flushes impressions every `period`, and every ten minutes forgets those
+/// older than `impressions_retention`.
 async fn flush_impressions_every(state: AppState, period: Duration) {
+    let mut last_cleanup = std::time::Instant::now();
     loop {
         tokio::time::sleep(period).await;
         flush_impressions(&state).await;
+        if last_cleanup.elapsed() >= Duration::from_secs(600) {
+            last_cleanup = std::time::Instant::now();
+            let keep = i64::try_from(state.settings.impressions_retention.as_millis()).unwrap_or(i64::MAX);
+            match state
+                .store
+                .forget_impressions(crate::http::now_ms().saturating_sub(keep))
+                .await
+            {
+                Ok(n) if n > 0 => tracing::info!(impressions = n, "old impressions forgotten"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot forget old impressions"),
+            }
+        }
     }
 }
 

@@ -309,6 +309,16 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets impressions made before `before_ms`; returns how many.
+    pub async fn forget_impressions(&self, before_ms: i64) -> Result<u64> {
+        let n = on_pool!(self, pool => sqlx::query("DELETE FROM impressions WHERE created_at < $1")
+            .bind(before_ms)
+            .execute(pool)
+            .await?
+            .rows_affected());
+        Ok(n)
+    }
+
     /// Impressions and clicks per model version, oldest version first. A
     /// click is an event that carries a stored recommendation id and names
     /// one of its items.

@@ -328,6 +328,12 @@ async fn clicks_are_counted_per_version(app: TestApp) {
         metrics.contains(&format!("recd_online_clicks{{version=\"{version}\"}} 1")),
         "{metrics}"
     );
+    // Past the retention window impressions go, and their clicks with them.
+    let now = chrono::Utc::now().timestamp_millis();
+    assert_eq!(app.store.forget_impressions(now - 3_600_000).await.unwrap(), 0);
+    assert_eq!(app.store.forget_impressions(now + 1).await.unwrap(), 2);
+    let after = self::model(&app).await;
+    assert_eq!(after["online"], json!([]), "{after}");
 }
 
 async fn erasure_reaches_recommendations(app: TestApp) {
