@@ -102,6 +102,9 @@ struct Args {
     /// Seconds to wait for `recd serve` to load its snapshot and answer.
     #[arg(long, default_value_t = 600)]
     startup_timeout: u64,
+    /// Seconds to wait for the nearest-neighbour index of a large catalogue.
+    #[arg(long, default_value_t = 1800)]
+    index_timeout: u64,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -568,6 +571,7 @@ async fn bench_scenario(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow
         mb(rss),
         mb(hwm)
     );
+    wait_for_index(&mut server, addr, Duration::from_secs(args.index_timeout)).await?;
     if args.phases.contains(&Route::Recs) {
         sample_recommendation(addr, &prepared.users[0], args.n).await;
     }
@@ -638,6 +642,33 @@ async fn wait_healthy(server: &mut Server, addr: SocketAddr, timeout: Duration) 
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits while the served model's nearest-neighbour index is building
+/// (large catalogues): the load measures the service as it runs afterwards.
+async fn wait_for_index(server: &mut Server, addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/v1/model");
+    let started = Instant::now();
+    loop {
+        if let Some(status) = server.child.try_wait()? {
+            bail!("recd serve exited ({status}); its log ends:\n{}", server.log_tail());
+        }
+        let body: serde_json::Value = client.get(&url).send().await?.json().await?;
+        let index = &body["index"];
+        if index["state"] != "building" {
+            println!(
+                "ranking: {} (waited {:.0} s)",
+                serde_json::to_string(index)?,
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if started.elapsed() > timeout {
+            bail!("the index was still building after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

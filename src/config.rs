@@ -60,6 +60,10 @@ pub struct Settings {
     /// The model's training settings (`[train]`; `RECD_TRAIN__DIM=32` and so on).
     #[serde(default)]
     pub train: crate::model::TrainConfig,
+    /// Approximate nearest neighbours for large catalogues (`[ann]`;
+    /// `RECD_ANN__MIN_ITEMS=0` turns them off).
+    #[serde(default)]
+    pub ann: crate::model::ann::AnnSettings,
 }
 
 impl Settings {

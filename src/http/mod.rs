@@ -66,7 +66,7 @@ impl AppState {
         AppState {
             keys: Arc::new(auth::Keys::new(&settings.api_keys)),
             store,
-            serving: Arc::new(crate::recommend::Serving::new(settings.train.max_len)),
+            serving: Arc::new(crate::recommend::Serving::new(settings.train.max_len, settings.ann)),
             trainer: Arc::default(),
             settings: Arc::new(settings),
             metrics: crate::telemetry::metrics_handle(),

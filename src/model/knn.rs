@@ -78,10 +78,16 @@ impl Neighbours {
     /// Adds `weight` x the co-occurrence score of a history to `scores`: the
     /// newest events count most (1 / age).
     pub fn add_scores(&self, history: &[Step], weight: f32, scores: &mut [f32]) {
+        self.for_each_score(history, weight, |j, score| scores[j as usize] += score);
+    }
+
+    /// Calls `f(item, part)` for every part of a history's co-occurrence
+    /// scores (an item may come more than once; its score is the sum).
+    pub fn for_each_score(&self, history: &[Step], weight: f32, mut f: impl FnMut(u32, f32)) {
         for (age, step) in history.iter().rev().take(HISTORY).enumerate() {
             let w = weight / (age + 1) as f32;
             for (j, sim) in self.of(step.item) {
-                scores[j as usize] += w * sim;
+                f(j, w * sim);
             }
         }
     }

@@ -4,6 +4,7 @@
 //! evaluation protocol of DESIGN.md section 5, and the snapshot that the
 //! service scores with in plain Rust.
 
+pub mod ann;
 pub mod data;
 pub mod eval;
 pub mod knn;

@@ -185,6 +185,12 @@ impl Weights {
         self.score_into(&self.query(&state), scores);
     }
 
+    /// The score of one dense index: dot(q, item i) + bias i.
+    pub fn score_one(&self, q: &[f32], item: u32) -> f32 {
+        let i = item as usize;
+        dot(&self.item_emb[i * self.dim..(i + 1) * self.dim], q) + self.item_bias[i]
+    }
+
     /// scores[i] = dot(q, item i) + bias i, for every dense index (0 too).
     /// Uses AVX2 when the CPU has it (the binary is built for any x86-64).
     pub fn score_into(&self, q: &[f32], scores: &mut [f32]) {

@@ -12,8 +12,9 @@ mod history;
 mod popular;
 
 use std::cell::RefCell;
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
 use serde::Serialize;
@@ -23,6 +24,7 @@ pub use history::{Histories, FOLLOW_EVERY};
 pub use popular::PopularCache;
 
 use crate::ingest::EventType;
+use crate::model::ann::{AnnIndex, AnnSettings};
 use crate::model::{top_n, ModelSnapshot, Step, UserState};
 use crate::store::{Impression, UserEvent};
 
@@ -130,21 +132,61 @@ pub struct Serving {
     /// Users' newest events.
     pub histories: Histories,
     states: quick_cache::sync::Cache<String, CachedState>,
-    impressions: std::sync::Mutex<Vec<Impression>>,
+    impressions: Mutex<Vec<Impression>>,
     /// The newest this many events of a user feed the model.
     max_len: usize,
+    ann_settings: AnnSettings,
+    /// The served model's approximate-nearest-neighbour index, once built.
+    ann: Arc<ArcSwapOption<ReadyIndex>>,
+    /// What became of the newest index build.
+    ann_state: Arc<Mutex<AnnState>>,
+}
+
+/// An index and the model version it indexes.
+struct ReadyIndex {
+    version: String,
+    index: AnnIndex,
+}
+
+/// The newest index build: its model version, `building`, `ready` or
+/// `failed`, and its cancel flag (set when a newer model replaces it).
+#[derive(Default)]
+struct AnnState {
+    version: String,
+    state: &'static str,
+    error: Option<String>,
+    cancel: Arc<AtomicBool>,
+}
+
+/// How the served model ranks the catalogue, for `GET /v1/model`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IndexInfo {
+    /// `exact` (every item scored) or `approximate` (an HNSW index proposes
+    /// candidates, scored exactly).
+    pub kind: &'static str,
+    /// For `approximate`: `building` (exact until it is ready), `ready` or
+    /// `failed` (exact).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub build_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl Serving {
-    pub fn new(max_len: usize) -> Self {
+    pub fn new(max_len: usize, ann_settings: AnnSettings) -> Self {
         Serving {
+            ann_settings,
+            ann: Arc::default(),
+            ann_state: Arc::default(),
             max_len: max_len.max(1),
             model: ArcSwapOption::empty(),
             catalogue: Catalogue::default(),
             popular: PopularCache::default(),
             histories: Histories::default(),
             states: quick_cache::sync::Cache::new(STATE_CACHE_USERS),
-            impressions: std::sync::Mutex::new(Vec::new()),
+            impressions: Mutex::new(Vec::new()),
         }
     }
 }
@@ -165,11 +207,113 @@ impl Serving {
 
     /// Serves `snapshot` from now on; requests in flight finish on the one
     /// they loaded.
+    /// A catalogue of `ann.min_items` or more gets an index built on a
+    /// thread of its own; until it is ready every item is scored.
     pub fn publish(&self, snapshot: ModelSnapshot) {
         let version = snapshot.meta.version.clone();
-        self.model.store(Some(Arc::new(snapshot)));
-        metrics::gauge!("recd_model_items").set(self.model().map_or(0.0, |m| m.items() as f64));
+        let snapshot = Arc::new(snapshot);
+        self.model.store(Some(snapshot.clone()));
+        metrics::gauge!("recd_model_items").set(snapshot.items() as f64);
         tracing::info!(version, "serving model");
+        self.index_in_background(snapshot);
+    }
+
+    fn index_in_background(&self, snapshot: Arc<ModelSnapshot>) {
+        let mut state = self.ann_state.lock().unwrap_or_else(|e| e.into_inner());
+        state.cancel.store(true, Ordering::Relaxed);
+        let wanted = snapshot.weights.is_some() && self.ann_settings.applies_to(snapshot.items());
+        metrics::gauge!("recd_ann_ready").set(0.0);
+        if !wanted {
+            *state = AnnState::default();
+            self.ann.store(None);
+            return;
+        }
+        let cancel = Arc::new(AtomicBool::new(false));
+        *state = AnnState {
+            version: snapshot.meta.version.clone(),
+            state: "building",
+            error: None,
+            cancel: cancel.clone(),
+        };
+        drop(state);
+        let (slot, status, settings) = (self.ann.clone(), self.ann_state.clone(), self.ann_settings);
+        let spawned = std::thread::Builder::new().name("recd-ann".into()).spawn(move || {
+            let version = snapshot.meta.version.clone();
+            let Some(weights) = snapshot.weights.as_ref() else {
+                return;
+            };
+            tracing::info!(
+                version,
+                items = snapshot.items(),
+                "building the nearest-neighbour index"
+            );
+            let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                AnnIndex::build(weights, &settings, &cancel)
+            }))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the index build panicked")));
+            let mut state = status.lock().unwrap_or_else(|e| e.into_inner());
+            if state.version != version || cancel.load(Ordering::Relaxed) {
+                return;
+            }
+            match built {
+                Ok(Some(index)) => {
+                    tracing::info!(
+                        version,
+                        seconds = index.build_seconds,
+                        mib = index.memory_bytes() >> 20,
+                        "nearest-neighbour index ready"
+                    );
+                    metrics::gauge!("recd_ann_build_seconds").set(index.build_seconds);
+                    metrics::gauge!("recd_ann_ready").set(1.0);
+                    state.state = "ready";
+                    slot.store(Some(Arc::new(ReadyIndex { version, index })));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(version, error = %e, "the nearest-neighbour index failed; scoring every item");
+                    metrics::counter!("recd_ann_build_failures_total").increment(1);
+                    state.state = "failed";
+                    state.error = Some(format!("{e:#}"));
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the index build; scoring every item");
+            let mut state = self.ann_state.lock().unwrap_or_else(|e| e.into_inner());
+            state.state = "failed";
+            state.error = Some(e.to_string());
+        }
+    }
+
+    /// The index of `model`, when one is ready.
+    fn index_of(&self, model: &ModelSnapshot) -> Option<Arc<ReadyIndex>> {
+        self.ann.load_full().filter(|r| r.version == model.meta.version)
+    }
+
+    /// How the served model ranks the catalogue.
+    pub fn index_info(&self) -> Option<IndexInfo> {
+        let model = self.model()?;
+        if model.weights.is_none() || !self.ann_settings.applies_to(model.items()) {
+            return Some(IndexInfo {
+                kind: "exact",
+                state: None,
+                build_seconds: None,
+                error: None,
+            });
+        }
+        let ready = self.index_of(&model);
+        let state = self.ann_state.lock().unwrap_or_else(|e| e.into_inner());
+        let current = state.version == model.meta.version;
+        Some(IndexInfo {
+            kind: "approximate",
+            state: Some(match (&ready, current) {
+                (Some(_), _) => "ready",
+                (None, true) => state.state,
+                (None, false) => "building",
+            }),
+            build_seconds: ready.as_ref().map(|r| r.index.build_seconds),
+            error: state.error.clone().filter(|_| current && ready.is_none()),
+        })
     }
 
     /// Forgets what is cached of a user (erasure).
@@ -218,16 +362,7 @@ impl Serving {
             return self.popular_for(None, popular, request, &excluded);
         };
         let max_len = self.max_len;
-        let history: Vec<Step> = events
-            .iter()
-            .rev()
-            .filter_map(|e| {
-                model.item_index(&e.item_id).map(|item| Step {
-                    item,
-                    kind: e.kind as u8,
-                })
-            })
-            .collect();
+        let history = history_of(model, events);
         if history.is_empty() {
             return self.popular_for(Some(model.meta.version.clone()), popular, request, &excluded);
         }
@@ -252,11 +387,24 @@ impl Serving {
                 };
                 let excluded_index: HashSet<u32> = excluded.iter().filter_map(|id| model.item_index(id)).collect();
                 let catalogue = self.catalogue.view();
-                let best = SCORES.with(|scores| {
-                    let mut scores = scores.borrow_mut();
-                    model.score_user(history, state.as_ref(), &mut scores);
-                    top_n(&scores, request.n, |i| {
-                        excluded_index.contains(&i) || !catalogue.allows(model.item_id(i), request.category.as_deref())
+                let skip = |i: u32| {
+                    excluded_index.contains(&i) || !catalogue.allows(model.item_id(i), request.category.as_deref())
+                };
+                let approximate = match (self.index_of(model), state.as_ref()) {
+                    (Some(ready), Some(state)) => {
+                        let best = approximate_top_n(model, &ready.index, history, state, request.n, skip);
+                        if best.is_none() {
+                            metrics::counter!("recd_ann_fallbacks_total").increment(1);
+                        }
+                        best
+                    }
+                    _ => None,
+                };
+                let best = approximate.unwrap_or_else(|| {
+                    SCORES.with(|scores| {
+                        let mut scores = scores.borrow_mut();
+                        model.score_user(history, state.as_ref(), &mut scores);
+                        top_n(&scores, request.n, skip)
                     })
                 });
                 self.states.insert(
@@ -357,6 +505,60 @@ impl Serving {
                 .collect(),
         )
     }
+}
+
+/// A user's events (newest first) as the model reads them: oldest first,
+/// items the model does not know left out.
+pub fn history_of(model: &ModelSnapshot, events: &[UserEvent]) -> Vec<Step> {
+    events
+        .iter()
+        .rev()
+        .filter_map(|e| {
+            model.item_index(&e.item_id).map(|item| Step {
+                item,
+                kind: e.kind as u8,
+            })
+        })
+        .collect()
+}
+
+/// The N best items from the index's candidates and the history's
+/// co-occurrence neighbours, each scored exactly as `score_user` would.
+/// `None` when fewer than N of them pass `skip` (narrow filters): the
+/// caller then scores every item.
+pub fn approximate_top_n(
+    model: &ModelSnapshot,
+    index: &AnnIndex,
+    history: &[Step],
+    state: &UserState,
+    n: usize,
+    mut skip: impl FnMut(u32) -> bool,
+) -> Option<Vec<(u32, f32)>> {
+    let weights = model.weights.as_ref()?;
+    let q = weights.query(state);
+    let candidates = index
+        .candidates(&q, index.candidates_for(n))
+        .map_err(|e| tracing::warn!(error = %e, "index search failed; scoring every item"))
+        .ok()?;
+    let mut scored: HashMap<u32, f32> = candidates
+        .into_iter()
+        .filter(|&i| i != 0)
+        .map(|i| (i, weights.score_one(&q, i)))
+        .collect();
+    if model.meta.knn_weight > 0.0 {
+        model
+            .neighbours
+            .for_each_score(history, model.meta.knn_weight, |j, part| {
+                *scored.entry(j).or_insert_with(|| weights.score_one(&q, j)) += part;
+            });
+    }
+    let mut best: Vec<(u32, f32)> = scored.into_iter().filter(|&(i, s)| !s.is_nan() && !skip(i)).collect();
+    if best.len() < n.min(model.items()) {
+        return None;
+    }
+    best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    best.truncate(n);
+    Some(best)
 }
 
 /// Below this many interactions in the training data an item's similar

@@ -462,3 +462,84 @@ mod lifecycle {
         restart_failure_rejection_and_swap(Db::Postgres).await;
     }
 }
+
+mod approximate {
+    //! A catalogue past `ann.min_items` is ranked through the
+    //! nearest-neighbour index: the answers are those of scoring every item
+    //! (on a catalogue this small the candidates cover it), filters hold,
+    //! and a filter that leaves too few candidates falls back to the scan.
+
+    use super::*;
+
+    const QUERIES: [&str; 6] = [
+        "n=10",
+        "n=5&exclude=none",
+        "n=8&category=books",
+        "n=50&category=books",
+        "n=3&exclude_items=item-1,item-2,item-3",
+        "n=10&exclude=purchased&explain=true",
+    ];
+
+    async fn answers(app: &TestApp, version: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        for user in (0..25).map(|u| format!("user-{u}")).chain(["stranger".to_owned()]) {
+            for query in QUERIES {
+                let reply = recommend(app, &user, query).await;
+                assert_eq!(reply["model_version"], version, "{user}?{query}: {reply}");
+                out.push(json!([user, query, reply["strategy"], reply["items"]]));
+            }
+        }
+        out
+    }
+
+    async fn same_answers_as_scoring_every_item(db: Db) {
+        let Some(app) = spawn_app_with(db, |s| {
+            fast(s);
+            s.ann.min_items = 1;
+        })
+        .await
+        else {
+            return;
+        };
+        seed_shop(&app, 200).await;
+        let version = published(&app).await;
+        let mut index = Value::Null;
+        for _ in 0..200 {
+            index = model(&app).await["index"].clone();
+            if index["state"] != "building" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(index["kind"], "approximate", "{index}");
+        assert_eq!(index["state"], "ready", "{index}");
+        assert!(index["build_seconds"].as_f64().is_some(), "{index}");
+        let approximate = answers(&app, &version).await;
+        let personalized = approximate.iter().filter(|a| a[2] == "personalized").count();
+        assert!(personalized >= 100, "{personalized} personalized answers");
+        let books = approximate.iter().find(|a| a[1] == "n=50&category=books").unwrap();
+        assert!(!books[3].as_array().unwrap().is_empty(), "{books}");
+
+        let url = app.database_url.clone();
+        let dir = app.stop_keeping_files().await;
+        let mut exact = test_settings(&url);
+        fast(&mut exact);
+        exact.ann.min_items = 0;
+        let app = start(exact, dir).await;
+        assert_eq!(model(&app).await["index"], json!({"kind": "exact"}));
+        let exact = answers(&app, &version).await;
+        for (a, e) in approximate.iter().zip(&exact) {
+            assert_eq!(a, e, "through the index, then scoring every item");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        same_answers_as_scoring_every_item(Db::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        same_answers_as_scoring_every_item(Db::Postgres).await;
+    }
+}
