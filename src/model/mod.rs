@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod net;
 pub mod ops;
 pub mod optim;
+pub mod simd;
 pub mod snapshot;
 pub mod train;
 
