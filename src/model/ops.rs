@@ -5,6 +5,8 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::simd::multiversion;
+
 fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
     match layout.contiguous_offsets() {
@@ -21,19 +23,19 @@ fn contiguous_u32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u
     }
 }
 
-#[inline]
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + fast_exp(-x))
 }
 
-#[inline]
+#[inline(always)]
 fn tanh(x: f32) -> f32 {
     2.0 * sigmoid(2.0 * x) - 1.0
 }
 
 /// exp(x) for f32 by range reduction and a degree-6 polynomial; branch-free
 /// so that loops over it vectorise. Relative error about 2e-7.
-#[inline]
+#[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
     // Round to nearest by the 1.5 * 2^23 trick: `round()` is a libm call
@@ -155,29 +157,20 @@ impl CustomOp3 for LstmLayer {
                 // bias + h_prev (B, H) x W_hh^T (H, 4H).
                 gemm_into(b, h4, h, plain(&h_prev), transposed(w_hh), &mut rec, true);
             }
-            for r in 0..b {
-                let x = &xw[(t * b + r) * h4..(t * b + r + 1) * h4];
-                let g = &rec[r * h4..(r + 1) * h4];
-                let o = &mut out[(t * b + r) * w..(t * b + r + 1) * w];
-                for k in 0..h {
-                    let ig = sigmoid(x[k] + g[k]);
-                    let fg = sigmoid(x[h + k] + g[h + k]);
-                    let gg = tanh(x[2 * h + k] + g[2 * h + k]);
-                    let og = sigmoid(x[3 * h + k] + g[3 * h + k]);
-                    let c = fg * c_prev[r * h + k] + ig * gg;
-                    let hn = og * tanh(c);
-                    o[k] = hn;
-                    o[h + k] = c;
-                    o[2 * h + k] = ig;
-                    o[3 * h + k] = fg;
-                    o[4 * h + k] = gg;
-                    o[5 * h + k] = og;
-                    h_prev[r * h + k] = hn;
-                    c_prev[r * h + k] = c;
-                }
-            }
+            let rows = t * b * h4..(t + 1) * b * h4;
+            lstm_cells(
+                h,
+                &xw[rows],
+                &rec,
+                &mut out[t * b * w..(t + 1) * b * w],
+                &mut h_prev,
+                &mut c_prev,
+            );
         }
-        let hidden: Vec<f32> = out.chunks_exact(w).flat_map(|row| row[..h].iter().copied()).collect();
+        let mut hidden = Vec::with_capacity(t_len * b * h);
+        for row in out.chunks_exact(w) {
+            hidden.extend_from_slice(&row[..h]);
+        }
         *self.saved.lock().expect("lstm cache") = out;
         Ok((CpuStorage::F32(hidden), Shape::from((t_len, b, h))))
     }
@@ -205,26 +198,23 @@ impl CustomOp3 for LstmLayer {
         let mut h_prevs = vec![0f32; t_len * b * h];
         let mut dh_next = vec![0f32; b * h];
         let mut dc_next = vec![0f32; b * h];
+        let zeros = vec![0f32; b * w];
         for t in (0..t_len).rev() {
-            for r in 0..b {
-                let o = &out[(t * b + r) * w..(t * b + r + 1) * w];
-                let gr = &grad[(t * b + r) * h..(t * b + r + 1) * h];
-                let prev = (t > 0).then(|| &out[((t - 1) * b + r) * w..((t - 1) * b + r + 1) * w]);
-                let d = &mut d_xw[(t * b + r) * h4..(t * b + r + 1) * h4];
-                for k in 0..h {
-                    let (c, i, f, g, og) = (o[h + k], o[2 * h + k], o[3 * h + k], o[4 * h + k], o[5 * h + k]);
-                    let (hp, cp) = prev.map_or((0.0, 0.0), |p| (p[k], p[h + k]));
-                    h_prevs[(t * b + r) * h + k] = hp;
-                    let tc = tanh(c);
-                    let dh = gr[k] + dh_next[r * h + k];
-                    let dc = dc_next[r * h + k] + dh * og * (1.0 - tc * tc);
-                    d[k] = dc * g * i * (1.0 - i);
-                    d[h + k] = dc * cp * f * (1.0 - f);
-                    d[2 * h + k] = dc * i * (1.0 - g * g);
-                    d[3 * h + k] = dh * tc * og * (1.0 - og);
-                    dc_next[r * h + k] = dc * f;
-                }
-            }
+            let prev = if t > 0 {
+                &out[(t - 1) * b * w..t * b * w]
+            } else {
+                &zeros[..]
+            };
+            lstm_cells_backward(
+                h,
+                &out[t * b * w..(t + 1) * b * w],
+                prev,
+                &grad[t * b * h..(t + 1) * b * h],
+                &mut d_xw[t * b * h4..(t + 1) * b * h4],
+                &mut h_prevs[t * b * h..(t + 1) * b * h],
+                &mut dh_next,
+                &mut dc_next,
+            );
             if t > 0 {
                 // d gates (B, 4H) x W_hh (4H, H).
                 gemm_into(
@@ -253,6 +243,99 @@ impl CustomOp3 for LstmLayer {
             Some(Tensor::from_vec(d_w_hh, (h4, h), dev)?),
             Some(Tensor::from_vec(d_bias, h4, dev)?),
         ))
+    }
+}
+
+/// `len`-element slices `k * len..(k + 1) * len` of `s`, for k < N.
+#[inline(always)]
+fn parts<const N: usize>(s: &[f32], len: usize) -> [&[f32]; N] {
+    std::array::from_fn(|k| &s[k * len..(k + 1) * len])
+}
+
+multiversion! {
+    /// One step of the LSTM for B rows: input projections `xw` and bias +
+    /// recurrent products `rec` (B, 4H) to the saved (B, 6H) `out` (h, c,
+    /// i, f, g, o), the state carried in `h_prev` and `c_prev` (B, H).
+    fn lstm_cells(h: usize, xw: &[f32], rec: &[f32], out: &mut [f32], h_prev: &mut [f32], c_prev: &mut [f32]) {
+        let rows = xw
+            .chunks_exact(4 * h)
+            .zip(rec.chunks_exact(4 * h))
+            .zip(out.chunks_exact_mut(6 * h))
+            .zip(h_prev.chunks_exact_mut(h).zip(c_prev.chunks_exact_mut(h)));
+        for (((x, g), o), (hp, cp)) in rows {
+            let [xi, xf, xg, xo] = parts::<4>(x, h);
+            let [gi, gf, gg, go] = parts::<4>(g, h);
+            let (hp, cp) = (&mut hp[..h], &mut cp[..h]);
+            let (oh, o) = o.split_at_mut(h);
+            let (oc, o) = o.split_at_mut(h);
+            let (oi, o) = o.split_at_mut(h);
+            let (of, o) = o.split_at_mut(h);
+            let (og, oo) = o.split_at_mut(h);
+            let (oh, oc, oi, of, og, oo) = (&mut oh[..h], &mut oc[..h], &mut oi[..h], &mut of[..h], &mut og[..h], &mut oo[..h]);
+            for k in 0..h {
+                let ig = sigmoid(xi[k] + gi[k]);
+                let fg = sigmoid(xf[k] + gf[k]);
+                let g = tanh(xg[k] + gg[k]);
+                let o = sigmoid(xo[k] + go[k]);
+                let c = fg * cp[k] + ig * g;
+                let hn = o * tanh(c);
+                oh[k] = hn;
+                oc[k] = c;
+                oi[k] = ig;
+                of[k] = fg;
+                og[k] = g;
+                oo[k] = o;
+                hp[k] = hn;
+                cp[k] = c;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// The backward of one step for B rows: the saved `out` of this step
+    /// and `prev` of the one before (zeros at the first), the hidden
+    /// states' gradient `grad` (B, H) to the gates' `d` (B, 4H); records the
+    /// previous hidden states in `h_prevs` and carries `dh_next` (in: from
+    /// the later step's recurrence) and `dc_next`.
+    #[allow(clippy::too_many_arguments)]
+    fn lstm_cells_backward(
+        h: usize,
+        out: &[f32],
+        prev: &[f32],
+        grad: &[f32],
+        d: &mut [f32],
+        h_prevs: &mut [f32],
+        dh_next: &mut [f32],
+        dc_next: &mut [f32],
+    ) {
+        let rows = out
+            .chunks_exact(6 * h)
+            .zip(prev.chunks_exact(6 * h))
+            .zip(grad.chunks_exact(h))
+            .zip(d.chunks_exact_mut(4 * h))
+            .zip(h_prevs.chunks_exact_mut(h).zip(dh_next.chunks_exact_mut(h).zip(dc_next.chunks_exact_mut(h))));
+        for ((((o, p), gr), d), (hps, (dhn, dcn))) in rows {
+            let [_, c, i, f, g, og] = parts::<6>(o, h);
+            let [hp, cp, ..] = parts::<6>(p, h);
+            let gr = &gr[..h];
+            let (hps, dhn, dcn) = (&mut hps[..h], &mut dhn[..h], &mut dcn[..h]);
+            let (di, d) = d.split_at_mut(h);
+            let (df, d) = d.split_at_mut(h);
+            let (dg, do_) = d.split_at_mut(h);
+            let (di, df, dg, do_) = (&mut di[..h], &mut df[..h], &mut dg[..h], &mut do_[..h]);
+            for k in 0..h {
+                hps[k] = hp[k];
+                let tc = tanh(c[k]);
+                let dh = gr[k] + dhn[k];
+                let dc = dcn[k] + dh * og[k] * (1.0 - tc * tc);
+                di[k] = dc * g[k] * i[k] * (1.0 - i[k]);
+                df[k] = dc * cp[k] * f[k] * (1.0 - f[k]);
+                dg[k] = dc * i[k] * (1.0 - g[k] * g[k]);
+                do_[k] = dh * tc * og[k] * (1.0 - og[k]);
+                dcn[k] = dc * f[k];
+            }
+        }
     }
 }
 
