@@ -7,7 +7,7 @@ use rand::distributions::{Distribution, WeightedIndex};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use super::ops::{LstmLayer, SoftmaxCrossEntropy};
+use super::ops::{FullSoftmax, LstmLayer, SoftmaxCrossEntropy};
 use super::snapshot::{Weights, KINDS, PAD_KIND};
 
 /// A batch in time-major layout: position (t, b) is row t * B + b.
@@ -205,15 +205,17 @@ impl Network {
         Ok((sel.matmul(&self.proj.t()?)?.broadcast_add(&self.proj_b)?, rows))
     }
 
-    /// Cross-entropy of the next item over the whole catalogue, the item
-    /// bias added inside the fused operation.
+    /// Cross-entropy of the next item over the whole catalogue: the logits,
+    /// the item bias and the loss in one fused operation.
     pub fn full_loss(&self, batch: &Batch, drop: &Dropouts, rng: &mut StdRng) -> Result<Tensor> {
         let q = self.queries(batch, drop, rng)?;
         // Column 0 is the padding row: never a target, it only learns to
         // score low, which costs less than slicing it off.
-        let logits = q.matmul(&self.item_emb.t()?)?;
-        let targets = Tensor::from_slice(&batch.targets, batch.targets.len(), &Device::Cpu)?;
-        logits.apply_op3(self.item_bias.as_tensor(), &targets, SoftmaxCrossEntropy::default())
+        q.apply_op3(
+            self.item_emb.as_tensor(),
+            self.item_bias.as_tensor(),
+            FullSoftmax::new(batch.targets.clone()),
+        )
     }
 
     /// Sampled softmax: the target against negatives shared by the batch,

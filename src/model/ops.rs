@@ -5,7 +5,10 @@
 
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::simd::multiversion;
+use rayon::prelude::*;
+
+use super::optim::with_f32s;
+use super::simd::{multiversion, threads};
 
 fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;
@@ -74,6 +77,24 @@ struct Mat<'a> {
 /// `gemm` crate (the kernels under candle's own matrix product) and none
 /// of a graph's allocations.
 fn gemm_into(m: usize, n: usize, k: usize, a: Mat<'_>, b: Mat<'_>, out: &mut [f32], accumulate: bool) {
+    gemm_scaled(m, n, k, a, b, out, accumulate, 1.0, 1);
+}
+
+/// out (m x n, row-major) (+)= scale * a (m x k) * b (k x n), on `threads`
+/// cores (each element of the result is summed on one of them, in the
+/// same order whatever their number).
+#[allow(clippy::too_many_arguments)]
+fn gemm_scaled(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    out: &mut [f32],
+    accumulate: bool,
+    scale: f32,
+    threads: usize,
+) {
     assert!(
         a.data.len() >= m * k && b.data.len() >= k * n && out.len() >= m * n,
         "gemm: operand sizes"
@@ -97,11 +118,15 @@ fn gemm_into(m: usize, n: usize, k: usize, a: Mat<'_>, b: Mat<'_>, out: &mut [f3
             b_cs,
             b_rs,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
         );
     }
 }
@@ -339,26 +364,189 @@ multiversion! {
     }
 }
 
-/// Runs `f` over row blocks of `out` (rows of `width` elements) on the
-/// machine's cores when the work (`cost` element operations) is worth a
-/// thread; `f(first_row, block)`.
-fn par_rows<T: Send>(out: &mut [T], width: usize, cost: usize, f: impl Fn(usize, &mut [T]) + Sync) {
-    let rows = out.len() / width.max(1);
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(rows.max(1));
-    if threads <= 1 || cost < 1 << 16 {
-        f(0, out);
+/// Rows per parallel task for rows of `c` columns: tasks of at least
+/// about 16K elements, below which a thread costs more than it saves.
+fn rows_per_task(c: usize) -> usize {
+    (1 << 14) / c.max(1) + 1
+}
+
+multiversion! {
+    /// log(sum(exp(x + bias))), with x + bias left in `row`.
+    fn biased_log_sum_exp(row: &mut [f32], x: &[f32], bias: &[f32]) -> f32 {
+        for ((o, &x), &b) in row.iter_mut().zip(x).zip(bias) {
+            *o = x + b;
+        }
+        log_sum_exp(row)
+    }
+}
+
+multiversion! {
+    /// d = exp(x + bias - lse) * scale.
+    fn scaled_softmax(d: &mut [f32], x: &[f32], bias: &[f32], lse: f32, scale: f32) {
+        for ((d, &x), &b) in d.iter_mut().zip(x).zip(bias) {
+            *d = fast_exp(x + b - lse) * scale;
+        }
+    }
+}
+
+multiversion! {
+    /// row = exp(row - lse), in place.
+    fn softmax_in_place(row: &mut [f32], lse: f32) {
+        for x in row.iter_mut() {
+            *x = fast_exp(*x - lse);
+        }
+    }
+}
+
+multiversion! {
+    fn add_into(acc: &mut [f32], x: &[f32]) {
+        for (a, &x) in acc.iter_mut().zip(x) {
+            *a += x;
+        }
+    }
+}
+
+/// sums = scale * the column sums of `rows` (row-major, sums.len()
+/// columns), columns split between the cores, rows added in order.
+fn column_sums(sums: &mut [f32], rows: &[f32], scale: f32) {
+    let c = sums.len();
+    if c == 0 {
         return;
     }
-    let per = rows.div_ceil(threads);
-    std::thread::scope(|scope| {
-        for (t, block) in out.chunks_mut(per * width).enumerate() {
-            let f = &f;
-            scope.spawn(move || f(t * per, block));
+    let per = c.div_ceil(threads()).max(1 << 10);
+    sums.par_chunks_mut(per).enumerate().for_each(|(k, sums)| {
+        let start = k * per;
+        sums.fill(0.0);
+        for row in rows.chunks_exact(c) {
+            add_into(sums, &row[start..start + sums.len()]);
+        }
+        if scale != 1.0 {
+            for s in sums.iter_mut() {
+                *s *= scale;
+            }
         }
     });
+}
+
+/// Mean softmax cross-entropy over the whole catalogue, from the queries:
+/// (queries (N, D), item embeddings (C, D), item bias (C)) with the target
+/// columns fixed at construction. The logits are one product, the bias is
+/// added inside, and the softmax is kept for the backward pass, which
+/// turns it into the logits' gradient in place and gives the queries', the
+/// embeddings' (as a contiguous (C, D) product, not a transposed view to be
+/// added elementwise) and the bias's, without a graph's temporaries.
+pub struct FullSoftmax {
+    targets: Vec<u32>,
+    /// (N, C) softmax of the forward pass.
+    probs: std::sync::Mutex<Vec<f32>>,
+}
+
+impl FullSoftmax {
+    pub fn new(targets: Vec<u32>) -> Self {
+        FullSoftmax {
+            targets,
+            probs: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl CustomOp3 for FullSoftmax {
+    fn name(&self) -> &'static str {
+        "recd-full-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (q, emb, bias) = (contiguous(s1, l1)?, contiguous(s2, l2)?, contiguous(s3, l3)?);
+        let ((n, d), (c, d2)) = (l1.shape().dims2()?, l2.shape().dims2()?);
+        if d != d2 || bias.len() != c || self.targets.len() != n || self.targets.iter().any(|&t| t as usize >= c) {
+            bail!(
+                "full softmax: queries {:?}, embeddings {:?}, bias {:?}, {} targets",
+                l1.shape(),
+                l2.shape(),
+                l3.shape(),
+                self.targets.len()
+            );
+        }
+        let mut probs = vec![0f32; n * c];
+        gemm_scaled(n, c, d, plain(q), transposed(emb), &mut probs, false, 1.0, threads());
+        let mut losses = vec![0f32; n];
+        probs
+            .par_chunks_mut(c.max(1))
+            .zip(losses.par_iter_mut().zip(&self.targets))
+            .with_min_len(rows_per_task(c))
+            .for_each(|(row, (loss, &t))| {
+                let lse = biased_log_sum_exp_in_place(row, bias);
+                *loss = lse - row[t as usize];
+                softmax_in_place(row, lse);
+            });
+        let mean = losses.iter().map(|&l| l as f64).sum::<f64>() / n.max(1) as f64;
+        *self.probs.lock().expect("softmax cache") = probs;
+        Ok((CpuStorage::F32(vec![mean as f32]), Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        emb: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let ((n, d), (c, _)) = (q.dims2()?, emb.dims2()?);
+        let scale = grad.to_scalar::<f32>()? / n.max(1) as f32;
+        let mut probs = std::mem::take(&mut *self.probs.lock().expect("softmax cache"));
+        if probs.len() != n * c {
+            bail!("full softmax: backward without its forward pass");
+        }
+        // softmax - one-hot: the logits' gradient, short of the scale.
+        for (row, &t) in probs.chunks_exact_mut(c).zip(&self.targets) {
+            row[t as usize] -= 1.0;
+        }
+        let mut d_q = vec![0f32; n * d];
+        let mut d_emb = vec![0f32; c * d];
+        with_f32s(emb, |emb| {
+            gemm_scaled(n, d, c, plain(&probs), plain(emb), &mut d_q, false, scale, threads())
+        })?;
+        with_f32s(q, |q| {
+            gemm_scaled(
+                c,
+                d,
+                n,
+                transposed(&probs),
+                plain(q),
+                &mut d_emb,
+                false,
+                scale,
+                threads(),
+            )
+        })?;
+        let mut d_bias = vec![0f32; c];
+        column_sums(&mut d_bias, &probs, scale);
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(d_q, (n, d), dev)?),
+            Some(Tensor::from_vec(d_emb, (c, d), dev)?),
+            Some(Tensor::from_vec(d_bias, c, dev)?),
+        ))
+    }
+}
+
+multiversion! {
+    /// log(sum(exp(row + bias))), with row + bias left in `row`.
+    fn biased_log_sum_exp_in_place(row: &mut [f32], bias: &[f32]) -> f32 {
+        for (x, &b) in row.iter_mut().zip(bias) {
+            *x += b;
+        }
+        log_sum_exp(row)
+    }
 }
 
 /// Mean softmax cross-entropy of (logits (N, C) + bias (C)) against target
@@ -394,16 +582,13 @@ impl CustomOp3 for SoftmaxCrossEntropy {
             );
         }
         let mut lse = vec![0f32; n];
-        par_rows(&mut lse, 1, n * c, |first, block| {
-            let mut row = vec![0f32; c];
-            for (k, lse) in block.iter_mut().enumerate() {
-                let r = first + k;
-                for ((o, &x), &b) in row.iter_mut().zip(&logits[r * c..(r + 1) * c]).zip(bias) {
-                    *o = x + b;
-                }
-                *lse = log_sum_exp(&row);
-            }
-        });
+        lse.par_iter_mut()
+            .zip(logits.par_chunks(c))
+            .with_min_len(rows_per_task(c))
+            .for_each_init(
+                || vec![0f32; c],
+                |row, (lse, x)| *lse = biased_log_sum_exp(row, x, bias),
+            );
         let mean = (0..n)
             .map(|r| {
                 let t = targets[r] as usize;
@@ -458,27 +643,22 @@ impl CustomOp3 for SoftmaxGrad {
         }
         let mut out = vec![0f32; (n + 1) * c];
         let (rows, bias_grad) = out.split_at_mut(n * c);
-        par_rows(rows, c, n * c, |first, block| {
-            for (k, d) in block.chunks_exact_mut(c).enumerate() {
-                let r = first + k;
-                let lse = self.lse[r];
-                for ((d, &x), &b) in d.iter_mut().zip(&logits[r * c..(r + 1) * c]).zip(bias) {
-                    *d = fast_exp(x + b - lse) * self.scale;
-                }
-                d[targets[r] as usize] -= self.scale;
-            }
-        });
-        for row in rows.chunks_exact(c) {
-            for (g, d) in bias_grad.iter_mut().zip(row) {
-                *g += d;
-            }
-        }
+        rows.par_chunks_mut(c)
+            .zip(logits.par_chunks(c))
+            .zip(self.lse.par_iter().zip(targets))
+            .with_min_len(rows_per_task(c))
+            .for_each(|((d, x), (&lse, &t))| {
+                scaled_softmax(d, x, bias, lse, self.scale);
+                d[t as usize] -= self.scale;
+            });
+        column_sums(bias_grad, rows, 1.0);
         Ok((CpuStorage::F32(out), Shape::from((n + 1, c))))
     }
 }
 
 /// log(sum(exp(row))), with eight running lanes so that the reductions
 /// vectorise (a plain float sum is sequential by the language's rules).
+#[inline(always)]
 fn log_sum_exp(row: &[f32]) -> f32 {
     let chunks = row.chunks_exact(8);
     let rest = chunks.remainder();
@@ -538,6 +718,23 @@ mod tests {
         assert!((fused.to_scalar::<f32>()? - plain.to_scalar::<f32>()?).abs() < 1e-5);
         let (ga, gb) = (fused.backward()?, plain.backward()?);
         for v in [&logits, &bias] {
+            let diff = (ga.get(v).unwrap() - gb.get(v).unwrap())?.abs()?.max_all()?;
+            assert!(diff.to_scalar::<f32>()? < 1e-5);
+        }
+
+        // The whole head: queries and embeddings to the loss.
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (5, 3), &dev)?)?;
+        let emb = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 3), &dev)?)?;
+        let fused = q.apply_op3(
+            emb.as_tensor(),
+            bias.as_tensor(),
+            FullSoftmax::new(targets.to_vec1::<u32>()?),
+        )?;
+        let logits = q.matmul(&emb.t()?)?.broadcast_add(bias.as_tensor())?;
+        let plain = candle_nn::loss::cross_entropy(&logits, &targets)?;
+        assert!((fused.to_scalar::<f32>()? - plain.to_scalar::<f32>()?).abs() < 1e-5);
+        let (ga, gb) = ((fused * 3.0)?.backward()?, (plain * 3.0)?.backward()?);
+        for v in [&q, &emb, &bias] {
             let diff = (ga.get(v).unwrap() - gb.get(v).unwrap())?.abs()?.max_all()?;
             assert!(diff.to_scalar::<f32>()? < 1e-5);
         }
