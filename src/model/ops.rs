@@ -171,27 +171,29 @@ impl CustomOp3 for LstmLayer {
         let w_hh = contiguous(s2, l2)?;
         let w = 6 * h;
         let mut out = vec![0f32; t_len * b * w];
-        let mut h_prev = vec![0f32; b * h];
-        let mut c_prev = vec![0f32; b * h];
-        let mut rec = vec![0f32; b * h4];
-        for t in 0..t_len {
-            for row in rec.chunks_exact_mut(h4) {
-                row.copy_from_slice(bias);
-            }
-            if t > 0 {
-                // bias + h_prev (B, H) x W_hh^T (H, 4H).
-                gemm_into(b, h4, h, plain(&h_prev), transposed(w_hh), &mut rec, true);
-            }
-            let rows = t * b * h4..(t + 1) * b * h4;
-            lstm_cells(
-                h,
-                &xw[rows],
-                &rec,
-                &mut out[t * b * w..(t + 1) * b * w],
-                &mut h_prev,
-                &mut c_prev,
-            );
-        }
+        // The batch's rows are independent sequences: each core runs the
+        // whole recurrence for its share of them.
+        let per = rows_per_part(b);
+        split_steps(&mut out, t_len, b * w, per * w)
+            .into_par_iter()
+            .enumerate()
+            .for_each(|(part, steps)| {
+                let (r0, rows) = (part * per, steps.first().map_or(0, |s| s.len() / w));
+                let mut h_prev = vec![0f32; rows * h];
+                let mut c_prev = vec![0f32; rows * h];
+                let mut rec = vec![0f32; rows * h4];
+                for (t, out) in steps.into_iter().enumerate() {
+                    for row in rec.chunks_exact_mut(h4) {
+                        row.copy_from_slice(bias);
+                    }
+                    if t > 0 {
+                        // bias + h_prev (rows, H) x W_hh^T (H, 4H).
+                        gemm_into(rows, h4, h, plain(&h_prev), transposed(w_hh), &mut rec, true);
+                    }
+                    let x = &xw[(t * b + r0) * h4..(t * b + r0 + rows) * h4];
+                    lstm_cells(h, x, &rec, out, &mut h_prev, &mut c_prev);
+                }
+            });
         let mut hidden = Vec::with_capacity(t_len * b * h);
         for row in out.chunks_exact(w) {
             hidden.extend_from_slice(&row[..h]);
@@ -221,47 +223,51 @@ impl CustomOp3 for LstmLayer {
         let mut d_xw = vec![0f32; t_len * b * h4];
         // Previous hidden states, (T * B, H), for the recurrent weights' gradient.
         let mut h_prevs = vec![0f32; t_len * b * h];
-        let mut dh_next = vec![0f32; b * h];
-        let mut dc_next = vec![0f32; b * h];
-        let zeros = vec![0f32; b * w];
-        for t in (0..t_len).rev() {
-            let prev = if t > 0 {
-                &out[(t - 1) * b * w..t * b * w]
-            } else {
-                &zeros[..]
-            };
-            lstm_cells_backward(
-                h,
-                &out[t * b * w..(t + 1) * b * w],
-                prev,
-                &grad[t * b * h..(t + 1) * b * h],
-                &mut d_xw[t * b * h4..(t + 1) * b * h4],
-                &mut h_prevs[t * b * h..(t + 1) * b * h],
-                &mut dh_next,
-                &mut dc_next,
-            );
-            if t > 0 {
-                // d gates (B, 4H) x W_hh (4H, H).
-                gemm_into(
-                    b,
-                    h,
-                    h4,
-                    plain(&d_xw[t * b * h4..(t + 1) * b * h4]),
-                    plain(&w_hh),
-                    &mut dh_next,
-                    false,
-                );
-            }
-        }
+        let per = rows_per_part(b);
+        split_steps(&mut d_xw, t_len, b * h4, per * h4)
+            .into_par_iter()
+            .zip(split_steps(&mut h_prevs, t_len, b * h, per * h))
+            .enumerate()
+            .for_each(|(part, (mut d_steps, mut hp_steps))| {
+                let (r0, rows) = (part * per, d_steps.first().map_or(0, |s| s.len() / h4));
+                let mut dh_next = vec![0f32; rows * h];
+                let mut dc_next = vec![0f32; rows * h];
+                let zeros = vec![0f32; rows * w];
+                let at = |t: usize| (t * b + r0) * w..(t * b + r0 + rows) * w;
+                for t in (0..t_len).rev() {
+                    let prev = if t > 0 { &out[at(t - 1)] } else { &zeros[..] };
+                    let d = &mut *d_steps[t];
+                    lstm_cells_backward(
+                        h,
+                        &out[at(t)],
+                        prev,
+                        &grad[(t * b + r0) * h..(t * b + r0 + rows) * h],
+                        d,
+                        hp_steps[t],
+                        &mut dh_next,
+                        &mut dc_next,
+                    );
+                    if t > 0 {
+                        // d gates (rows, 4H) x W_hh (4H, H).
+                        gemm_into(rows, h, h4, plain(d), plain(&w_hh), &mut dh_next, false);
+                    }
+                }
+            });
         // d W_hh = sum over steps of d gates^T (4H, B) x h_prev (B, H).
         let mut d_w_hh = vec![0f32; h4 * h];
-        gemm_into(h4, h, t_len * b, transposed(&d_xw), plain(&h_prevs), &mut d_w_hh, false);
+        gemm_scaled(
+            h4,
+            h,
+            t_len * b,
+            transposed(&d_xw),
+            plain(&h_prevs),
+            &mut d_w_hh,
+            false,
+            1.0,
+            threads(),
+        );
         let mut d_bias = vec![0f32; h4];
-        for row in d_xw.chunks_exact(h4) {
-            for (d, g) in d_bias.iter_mut().zip(row) {
-                *d += g;
-            }
-        }
+        column_sums(&mut d_bias, &d_xw, 1.0);
         let dev = xw.device();
         Ok((
             Some(Tensor::from_vec(d_xw, (t_len, b, h4), dev)?),
@@ -269,6 +275,25 @@ impl CustomOp3 for LstmLayer {
             Some(Tensor::from_vec(d_bias, h4, dev)?),
         ))
     }
+}
+
+/// Rows of a batch per core for the recurrence (at least 16: a smaller
+/// share is not worth a thread).
+fn rows_per_part(b: usize) -> usize {
+    b.div_ceil(threads()).max(16)
+}
+
+/// A (steps, rows * width) buffer as, for each part of `part` elements of a
+/// step (rows * width elements), its slice of every step.
+fn split_steps(buf: &mut [f32], steps: usize, step: usize, part: usize) -> Vec<Vec<&mut [f32]>> {
+    let parts = if part == 0 { 0 } else { step.div_ceil(part) };
+    let mut out: Vec<Vec<&mut [f32]>> = (0..parts).map(|_| Vec::with_capacity(steps)).collect();
+    for chunk in buf.chunks_mut(step.max(1)).take(steps) {
+        for (k, piece) in chunk.chunks_mut(part.max(1)).enumerate() {
+            out[k].push(piece);
+        }
+    }
+    out
 }
 
 /// `len`-element slices `k * len..(k + 1) * len` of `s`, for k < N.
