@@ -623,9 +623,7 @@ impl CustomOp3 for FullSoftmax {
             .zip(losses.par_iter_mut().zip(&self.targets))
             .with_min_len(rows_per_task(c))
             .for_each(|(row, (loss, &t))| {
-                let lse = biased_log_sum_exp_in_place(row, bias);
-                *loss = lse - row[t as usize];
-                softmax_in_place(row, lse);
+                *loss = biased_softmax_in_place(row, bias, t as usize);
             });
         let mean = losses.iter().map(|&l| l as f64).sum::<f64>() / n.max(1) as f64;
         *self.probs.lock().expect("softmax cache") = probs;
@@ -680,12 +678,43 @@ impl CustomOp3 for FullSoftmax {
 }
 
 multiversion! {
-    /// log(sum(exp(row + bias))), with row + bias left in `row`.
-    fn biased_log_sum_exp_in_place(row: &mut [f32], bias: &[f32]) -> f32 {
+    /// row = softmax(row + bias), in place, with one exp per element;
+    /// returns the cross-entropy of class `target`.
+    fn biased_softmax_in_place(row: &mut [f32], bias: &[f32], target: usize) -> f32 {
         for (x, &b) in row.iter_mut().zip(bias) {
             *x += b;
         }
-        log_sum_exp(row)
+        let logit = row[target];
+        let mut lanes = [f32::NEG_INFINITY; 8];
+        let mut chunks = row.chunks_exact(8);
+        for c in &mut chunks {
+            for k in 0..8 {
+                lanes[k] = if c[k] > lanes[k] { c[k] } else { lanes[k] };
+            }
+        }
+        let max = chunks
+            .remainder()
+            .iter()
+            .chain(&lanes)
+            .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+        let mut sums = [0f32; 8];
+        let mut chunks = row.chunks_exact_mut(8);
+        for c in &mut chunks {
+            for k in 0..8 {
+                c[k] = fast_exp(c[k] - max);
+                sums[k] += c[k];
+            }
+        }
+        let mut sum = sums.iter().sum::<f32>();
+        for x in chunks.into_remainder() {
+            *x = fast_exp(*x - max);
+            sum += *x;
+        }
+        let inv = 1.0 / sum;
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+        max + sum.ln() - logit
     }
 }
 
