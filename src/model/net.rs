@@ -7,7 +7,7 @@ use rand::distributions::{Distribution, WeightedIndex};
 use rand::rngs::StdRng;
 use rand::Rng;
 
-use super::ops::{LstmLayer, SoftmaxCrossEntropy};
+use super::ops::{FullSoftmax, LstmLayer, SampledSoftmax};
 use super::snapshot::{Weights, KINDS, PAD_KIND};
 
 /// A batch in time-major layout: position (t, b) is row t * B + b.
@@ -205,15 +205,17 @@ impl Network {
         Ok((sel.matmul(&self.proj.t()?)?.broadcast_add(&self.proj_b)?, rows))
     }
 
-    /// Cross-entropy of the next item over the whole catalogue, the item
-    /// bias added inside the fused operation.
+    /// Cross-entropy of the next item over the whole catalogue: the logits,
+    /// the item bias and the loss in one fused operation.
     pub fn full_loss(&self, batch: &Batch, drop: &Dropouts, rng: &mut StdRng) -> Result<Tensor> {
         let q = self.queries(batch, drop, rng)?;
         // Column 0 is the padding row: never a target, it only learns to
         // score low, which costs less than slicing it off.
-        let logits = q.matmul(&self.item_emb.t()?)?;
-        let targets = Tensor::from_slice(&batch.targets, batch.targets.len(), &Device::Cpu)?;
-        logits.apply_op3(self.item_bias.as_tensor(), &targets, SoftmaxCrossEntropy::default())
+        q.apply_op3(
+            self.item_emb.as_tensor(),
+            self.item_bias.as_tensor(),
+            FullSoftmax::new(batch.targets.clone()),
+        )
     }
 
     /// Sampled softmax: the target against negatives shared by the batch,
@@ -221,7 +223,6 @@ impl Network {
     /// target is masked.
     pub fn sampled_loss(&self, batch: &Batch, drop: &Dropouts, sampler: &Sampler, rng: &mut StdRng) -> Result<Tensor> {
         let dev = Device::Cpu;
-        let n = batch.targets.len();
         let negs: Vec<u32> = (0..sampler.count).map(|_| sampler.dist.sample(rng) as u32).collect();
         let mut wanted = batch.targets.clone();
         wanted.extend_from_slice(&negs);
@@ -229,29 +230,8 @@ impl Network {
         let bias = self
             .item_bias
             .index_select(&Tensor::from_slice(&wanted, wanted.len(), &dev)?, 0)?;
-        let log_q = |ids: &[u32]| ids.iter().map(|&i| sampler.log_q[i as usize]).collect::<Vec<f32>>();
-        let pos = (q.mul(&rows.narrow(0, 0, n)?)?.sum(1)? + bias.narrow(0, 0, n)?)?;
-        let pos = (pos - Tensor::from_vec(log_q(&batch.targets), n, &dev)?)?;
-        let neg_logits = q
-            .matmul(&rows.narrow(0, n, negs.len())?.t()?)?
-            .broadcast_add(&bias.narrow(0, n, negs.len())?)?
-            .broadcast_sub(&Tensor::from_vec(log_q(&negs), negs.len(), &dev)?)?;
-        let mut mask = vec![0f32; n * negs.len()];
-        for (r, &t) in batch.targets.iter().enumerate() {
-            for (k, &j) in negs.iter().enumerate() {
-                if j == t {
-                    mask[r * negs.len() + k] = -1e9;
-                }
-            }
-        }
-        let neg_logits = (neg_logits + Tensor::from_vec(mask, (n, negs.len()), &dev)?)?;
-        let logits = Tensor::cat(&[&pos.unsqueeze(1)?, &neg_logits], 1)?;
-        let no_bias = Tensor::zeros(negs.len() + 1, DType::F32, &dev)?;
-        logits.apply_op3(
-            &no_bias,
-            &Tensor::zeros(n, DType::U32, &dev)?,
-            SoftmaxCrossEntropy::default(),
-        )
+        let log_q = wanted.iter().map(|&i| sampler.log_q[i as usize]).collect();
+        q.apply_op3(&rows, &bias, SampledSoftmax::new(batch.targets.clone(), negs, log_q))
     }
 
     pub fn weights(&self) -> Result<Weights> {

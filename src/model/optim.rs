@@ -2,8 +2,13 @@
 //! dozen whole-size temporary tensors per parameter per step; for a
 //! catalogue-sized embedding that was a large share of a training step.
 
-use candle_core::{Result, Tensor, Var};
+use std::cell::RefCell;
+
+use candle_core::{bail, CpuStorage, InplaceOp1, Layout, Result, Tensor, Var};
 use candle_nn::ParamsAdamW;
+use rayon::prelude::*;
+
+use super::simd::multiversion;
 
 pub struct AdamW {
     params: ParamsAdamW,
@@ -24,38 +29,99 @@ impl AdamW {
     }
 
     /// Back-propagates `loss` and updates every parameter (decoupled weight
-    /// decay, bias-corrected moments; the same rule as candle-nn's).
+    /// decay, bias-corrected moments; the same rule as candle-nn's), in
+    /// place: no parameter-sized buffer is made or copied.
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<()> {
         let grads = loss.backward()?;
         self.step += 1;
         let p = &self.params;
         let (b1, b2) = (p.beta1 as f32, p.beta2 as f32);
-        let scale_m = 1.0 / (1.0 - b1.powi(self.step));
-        let scale_v = 1.0 / (1.0 - b2.powi(self.step));
-        let (lr, eps) = (p.lr as f32, p.eps as f32);
-        let decay = 1.0 - (p.lr * p.weight_decay) as f32;
+        let coefs = Coefs {
+            b1,
+            b2,
+            scale_m: 1.0 / (1.0 - b1.powi(self.step)),
+            scale_v: 1.0 / (1.0 - b2.powi(self.step)),
+            lr: p.lr as f32,
+            eps: p.eps as f32,
+            decay: 1.0 - (p.lr * p.weight_decay) as f32,
+        };
         for (var, m, v) in &mut self.vars {
             let Some(g) = grads.get(var) else { continue };
-            let theta = with_f32s(g, |g| {
-                with_f32s(var.as_tensor(), |theta| {
-                    let mut next = Vec::with_capacity(theta.len());
-                    for (((t, m), v), g) in theta.iter().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-                        *m = b1 * *m + (1.0 - b1) * g;
-                        *v = b2 * *v + (1.0 - b2) * g * g;
-                        next.push(t * decay - lr * (*m * scale_m) / ((*v * scale_v).sqrt() + eps));
-                    }
-                    next
+            with_f32s(g, |g| {
+                var.as_tensor().inplace_op1(&Update {
+                    g,
+                    moments: RefCell::new((m, v)),
+                    coefs,
                 })
             })??;
-            var.set(&Tensor::from_vec(theta, var.shape(), var.device())?)?;
         }
         Ok(())
     }
 }
 
+#[derive(Clone, Copy)]
+struct Coefs {
+    b1: f32,
+    b2: f32,
+    scale_m: f32,
+    scale_v: f32,
+    lr: f32,
+    eps: f32,
+    decay: f32,
+}
+
+/// One parameter's update, applied to its storage in place.
+struct Update<'a> {
+    g: &'a [f32],
+    moments: RefCell<(&'a mut Vec<f32>, &'a mut Vec<f32>)>,
+    coefs: Coefs,
+}
+
+impl InplaceOp1 for Update<'_> {
+    fn name(&self) -> &'static str {
+        "recd-adamw"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let (CpuStorage::F32(data), Some((start, end))) = (storage, layout.contiguous_offsets()) else {
+            bail!("adamw: expected a contiguous f32 parameter")
+        };
+        let theta = &mut data[start..end];
+        let mut moments = self.moments.borrow_mut();
+        let (m, v) = &mut *moments;
+        if theta.len() != self.g.len() || m.len() != theta.len() || v.len() != theta.len() {
+            bail!("adamw: {} values, {} gradients", theta.len(), self.g.len())
+        }
+        // Blocks of a fixed size: the result does not depend on the threads.
+        const BLOCK: usize = 1 << 14;
+        let c = self.coefs;
+        if theta.len() <= BLOCK {
+            adamw(theta, m, v, self.g, c);
+        } else {
+            theta
+                .par_chunks_mut(BLOCK)
+                .zip(m.par_chunks_mut(BLOCK))
+                .zip(v.par_chunks_mut(BLOCK))
+                .zip(self.g.par_chunks(BLOCK))
+                .for_each(|(((t, m), v), g)| adamw(t, m, v, g, c));
+        }
+        Ok(())
+    }
+}
+
+multiversion! {
+    fn adamw(theta: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], c: Coefs) {
+        for (((t, m), v), &g) in theta.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+            *m = c.b1 * *m + (1.0 - c.b1) * g;
+            *v = c.b2 * *v + (1.0 - c.b2) * g * g;
+            *t = *t * c.decay - c.lr * (*m * c.scale_m) / ((*v * c.scale_v).sqrt() + c.eps);
+        }
+    }
+}
+
 /// Runs `f` on a tensor's f32 values in place when they are contiguous in
 /// CPU memory (no copy), on a copy otherwise.
-fn with_f32s<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+pub(crate) fn with_f32s<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
     {
         let (storage, layout) = t.storage_and_layout();
         if let (candle_core::Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) {
