@@ -65,7 +65,7 @@ fn training_steps(c: &mut Criterion) {
     group.sample_size(10);
     let mut run = |name: &str, f: &mut dyn FnMut(&Network, &mut StdRng) -> candle_core::Tensor| {
         let mut rng = StdRng::seed_from_u64(2);
-        let net = Network::new(ITEMS, DIM, DIM, &mut rng).unwrap();
+        let net = Network::new(ITEMS, DIM, DIM, None, &mut rng).unwrap();
         let mut opt = AdamW::new(net.vars(), ParamsAdamW::default());
         group.bench_function(name, |b| {
             b.iter(|| {
@@ -88,7 +88,7 @@ fn training_steps(c: &mut Criterion) {
 
 fn scoring(c: &mut Criterion) {
     let mut rng = StdRng::seed_from_u64(3);
-    let net = Network::new(ITEMS, DIM, DIM, &mut rng).unwrap();
+    let net = Network::new(ITEMS, DIM, DIM, None, &mut rng).unwrap();
     let meta = SnapshotMeta {
         version: "bench".into(),
         trained_at: String::new(),

@@ -59,7 +59,7 @@ fn main() -> anyhow::Result<()> {
     let sampler = Sampler::new(&popularity, 0.5, 128)?;
 
     let mut rng = StdRng::seed_from_u64(2);
-    let net = Network::new(ITEMS, DIM, DIM, &mut rng)?;
+    let net = Network::new(ITEMS, DIM, DIM, None, &mut rng)?;
     let mut opt = AdamW::new(net.vars(), ParamsAdamW::default());
     for step in 0..steps {
         let start = Instant::now();

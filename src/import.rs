@@ -176,12 +176,7 @@ pub async fn import_items(store: &Store, path: &Path) -> anyhow::Result<ImportRe
         };
         let get = |col: Option<usize>| col.and_then(|c| record.get(c)).filter(|s| !s.is_empty());
         let item_id = get(Some(id_col)).unwrap_or_default();
-        let mut categories: Vec<String> = get(categories_col)
-            .map(|c| c.split('|').filter(|c| !c.is_empty()).map(str::to_owned).collect())
-            .unwrap_or_default();
-        if categories.is_empty() {
-            categories.extend(get(category_col).map(str::to_owned));
-        }
+        let categories = crate::model::data::split_categories(get(categories_col), get(category_col));
         let errors: Vec<FieldError> = std::iter::once(check_id("item_id", item_id))
             .chain(categories.iter().map(|c| check_id("categories", c)))
             .filter_map(Result::err)

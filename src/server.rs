@@ -1,6 +1,7 @@
 //! `recd serve`: open the store (waiting for it), seed the demo if asked,
 //! bind, serve until SIGTERM or ctrl-c.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::Path;
 use std::time::Duration;
@@ -99,13 +100,6 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
 /// `recd eval`: train on a CSV's leave-one-out split and print the figures.
 pub fn eval(settings: &Settings, events: &Path, items: Option<&Path>, json: bool) -> anyhow::Result<()> {
     let progress = std::io::stderr().is_terminal();
-    if let Some(items) = items {
-        let count = csv::Reader::from_path(items)
-            .with_context(|| format!("cannot open {}", items.display()))?
-            .records()
-            .count();
-        tracing::info!(items = count, "catalogue file read (categories are not a model input)");
-    }
     let spinner = if progress {
         indicatif::ProgressBar::new_spinner()
     } else {
@@ -114,8 +108,13 @@ pub fn eval(settings: &Settings, events: &Path, items: Option<&Path>, json: bool
     spinner.set_message(format!("loading {}", events.display()));
     spinner.enable_steady_tick(Duration::from_millis(120));
     let rows = crate::model::load_events_csv(events)?;
+    let categories = match items {
+        Some(items) => crate::model::data::load_item_categories_csv(items)?,
+        None => HashMap::new(),
+    };
     spinner.finish_and_clear();
-    let report = crate::model::evaluate_events(rows, &settings.train, progress)?;
+    tracing::info!(items_with_category = categories.len(), "events and catalogue read");
+    let report = crate::model::evaluate_events(rows, &categories, &settings.train, progress)?;
     if json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -129,10 +128,12 @@ pub async fn train_once(settings: &Settings) -> anyhow::Result<()> {
     let store = open_store_waiting(settings).await?;
     let max_seq = store.max_event_seq().await?;
     let rows = store.training_events_upto(max_seq).await?;
+    let categories = store.primary_categories().await?;
     let config = settings.train.clone();
     let progress = std::io::stderr().is_terminal();
     let (snapshot, report) = tokio::task::spawn_blocking(move || {
-        let data = crate::model::Dataset::from_events(rows);
+        let mut data = crate::model::Dataset::from_events(rows);
+        data.set_categories(&categories);
         crate::model::train_and_evaluate(&data, &config, progress)
     })
     .await??;

@@ -436,6 +436,7 @@ async fn train(state: &AppState) -> Outcome {
 async fn train_and_gate(state: &AppState) -> anyhow::Result<Outcome> {
     let max_seq = state.store.max_event_seq().await?;
     let rows = state.store.training_events_upto(max_seq).await?;
+    let categories = state.store.primary_categories().await?;
     let served = state.serving.model();
     let mut config = state.settings.train.clone();
     if served.is_none() {
@@ -449,7 +450,8 @@ async fn train_and_gate(state: &AppState) -> anyhow::Result<Outcome> {
     };
     let decided = tokio::task::spawn_blocking(move || -> anyhow::Result<(ModelSnapshot, Result<String, String>)> {
         let last_ts = last_event_times(&rows);
-        let data = Dataset::from_events(rows);
+        let mut data = Dataset::from_events(rows);
+        data.set_categories(&categories);
         let (mut snapshot, report) = model::train_and_evaluate(&data, &config, false)?;
         snapshot.meta.last_seq = max_seq;
         let verdict = gate.judge(&data, &last_ts, &snapshot, &report, served.as_deref(), &config);

@@ -2,6 +2,8 @@
 //! the network must learn and most-popular cannot, determinism under a seed,
 //! the snapshot round trip, and data too small to train.
 
+use std::collections::HashMap;
+
 use recd::model::data::Step;
 use recd::model::{top_n, train_and_evaluate, Dataset, EventRow, ModelSnapshot, TrainConfig};
 
@@ -120,6 +122,94 @@ fn the_network_learns_a_planted_order_that_popular_cannot() {
     assert_eq!(report.data.test_users, 600);
 }
 
+/// Category pairs: shoppers who view any item of `src-k` (150 items, each
+/// seen once or twice) go on to one of `dst-k`'s 8 items. For every k, one
+/// more `src-k` item is only ever a held-out last event, so the network
+/// never sees it as input: only its category can say where it leads.
+fn category_shop(users: usize, seed: u64) -> (Vec<EventRow>, HashMap<String, String>) {
+    use rand::{Rng, SeedableRng};
+    const PAIRS: usize = 6;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut rows = Vec::new();
+    let mut categories = HashMap::new();
+    for k in 0..PAIRS {
+        for j in 0..150 {
+            categories.insert(format!("s{k}-{j}"), format!("src-{k}"));
+        }
+        categories.insert(format!("s{k}-fresh"), format!("src-{k}"));
+        for j in 0..8 {
+            categories.insert(format!("d{k}-{j}"), format!("dst-{k}"));
+        }
+    }
+    let mut push = |user: &str, item: String, ts: &mut i64| {
+        *ts += 60_000;
+        rows.push(EventRow {
+            user_id: user.to_owned(),
+            item_id: item,
+            kind: 0,
+            timestamp_ms: *ts,
+        });
+    };
+    for u in 0..users {
+        let user = format!("u{u}");
+        let mut ts = 1_700_000_000_000i64 + u as i64;
+        for _ in 0..rng.gen_range(2..4) {
+            push(&user, format!("filler-{}", rng.gen_range(0..FILLERS)), &mut ts);
+            let k = rng.gen_range(0..PAIRS);
+            push(&user, format!("s{k}-{}", rng.gen_range(0..150)), &mut ts);
+            push(&user, format!("d{k}-{}", rng.gen_range(0..8)), &mut ts);
+        }
+    }
+    for k in 0..PAIRS {
+        let user = format!("fresh-{k}");
+        let mut ts = 1_800_000_000_000i64;
+        for f in 0..3 {
+            push(&user, format!("filler-{f}"), &mut ts);
+        }
+        push(&user, format!("s{k}-fresh"), &mut ts);
+    }
+    (rows, categories)
+}
+
+#[test]
+fn categories_carry_an_item_the_network_never_saw_as_input() {
+    let (rows, categories) = category_shop(500, 5);
+    let mut data = Dataset::from_events(rows);
+    data.set_categories(&categories);
+    assert_eq!(data.categories, 12);
+    // How many of dst-k's items the network ranks in its top 10 after
+    // a history of only `s{k}-fresh`, summed over k, and the fewest for one k.
+    let after_fresh = |config: &TrainConfig| {
+        let (snapshot, _) = train_and_evaluate(&data, config, false).expect("trains");
+        let w = snapshot.weights.as_ref().expect("a trained network");
+        let mut per_pair = Vec::new();
+        for k in 0..6 {
+            let history = steps(&snapshot, &[format!("s{k}-fresh")]);
+            let state = snapshot.user_state(&history, 50).expect("state");
+            let mut scores = vec![0.0; snapshot.items() + 1];
+            w.score_into(&w.query(&state), &mut scores);
+            let top = top_n(&scores, 10, |i| i == history[0].item);
+            let dst = top
+                .iter()
+                .filter(|(i, _)| snapshot.item_id(*i).starts_with(&format!("d{k}-")))
+                .count();
+            per_pair.push(dst);
+        }
+        per_pair
+    };
+    let with = after_fresh(&small_config());
+    let without = after_fresh(&TrainConfig {
+        categories: false,
+        ..small_config()
+    });
+    eprintln!("dst-k items in the top 10 after s{{k}}-fresh: with categories {with:?}, without {without:?}");
+    assert!(with.iter().all(|&n| n >= 6), "with categories: {with:?}");
+    assert!(
+        with.iter().sum::<usize>() > 2 * without.iter().sum::<usize>(),
+        "with {with:?} against without {without:?}"
+    );
+}
+
 #[test]
 fn a_seed_fixes_the_model() {
     let data = Dataset::from_events(planted_shop(200, 2));
@@ -222,6 +312,31 @@ fn recd_eval_prints_the_promised_json() {
     let table = run(false);
     assert!(table.status.success());
     assert!(String::from_utf8_lossy(&table.stdout).contains("item-kNN"));
+
+    // With a catalogue file, its categories are read as a model input.
+    let items = dir.path().join("items.csv");
+    let mut csv = String::from("item_id,title,category,categories\n");
+    for k in 0..PATTERNS {
+        for s in ["a", "b", "c", "d"] {
+            csv.push_str(&format!("pat-{k}-{s},,pattern-{k},pattern-{k}|all\n"));
+        }
+    }
+    std::fs::write(&items, csv).unwrap();
+    let with_items = std::process::Command::new(env!("CARGO_BIN_EXE_recd"))
+        .args(["eval", "--json", "--events"])
+        .arg(&path)
+        .arg("--items")
+        .arg(&items)
+        .env("RECD_TRAIN__MAX_EPOCHS", "2")
+        .env("RECD_TRAIN__DIM", "8")
+        .env("RECD_TRAIN__HIDDEN", "8")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&with_items.stderr);
+    assert!(with_items.status.success(), "{stderr}");
+    assert!(stderr.contains("items_with_category=24"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&with_items.stdout).unwrap();
+    assert_eq!(report["data"]["users"], 80);
 
     let missing = std::process::Command::new(env!("CARGO_BIN_EXE_recd"))
         .args(["eval", "--events", "/nonexistent/events.csv"])

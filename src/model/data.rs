@@ -37,6 +37,11 @@ pub struct Dataset {
     pub events: usize,
     /// The newest timestamp seen (ms), the training cutoff of a snapshot.
     pub newest_ms: i64,
+    /// Per dense item index, a dense category index (0: none); empty until
+    /// `set_categories`.
+    pub item_category: Vec<u32>,
+    /// Distinct categories in `item_category`.
+    pub categories: usize,
 }
 
 impl Dataset {
@@ -73,6 +78,21 @@ impl Dataset {
 
     pub fn items(&self) -> usize {
         self.item_ids.len()
+    }
+
+    /// Gives each item its primary category (item id -> category) as a
+    /// dense index, numbered in item order so that a run is reproducible.
+    pub fn set_categories(&mut self, primary: &HashMap<String, String>) {
+        let mut index: HashMap<&str, u32> = HashMap::new();
+        let mut item_category = vec![0; self.items() + 1];
+        for (i, id) in self.item_ids.iter().enumerate() {
+            if let Some(category) = primary.get(id) {
+                let next = index.len() as u32 + 1;
+                item_category[i + 1] = *index.entry(category.as_str()).or_insert(next);
+            }
+        }
+        self.categories = index.len();
+        self.item_category = item_category;
     }
 
     pub fn users(&self) -> usize {
@@ -133,6 +153,37 @@ pub fn sample_cases(cases: &[Case], max: usize, rng: &mut rand::rngs::StdRng) ->
         cases.truncate(max);
     }
     cases
+}
+
+/// An item's categories as the items CSV gives them: `categories` split by
+/// `|`, or else the single `category`.
+pub fn split_categories(categories: Option<&str>, category: Option<&str>) -> Vec<String> {
+    let mut out: Vec<String> = categories
+        .map(|c| c.split('|').filter(|c| !c.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default();
+    if out.is_empty() {
+        out.extend(category.filter(|c| !c.is_empty()).map(str::to_owned));
+    }
+    out
+}
+
+/// Reads the items CSV of ../shared/data (`item_id,title,category,categories`)
+/// into each item's primary (first) category.
+pub fn load_item_categories_csv(path: &Path) -> anyhow::Result<HashMap<String, String>> {
+    let mut reader = csv::Reader::from_path(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let headers = reader.headers()?.clone();
+    let column = |name: &str| headers.iter().position(|h| h == name);
+    let id = column("item_id").with_context(|| format!("{}: no `item_id` column", path.display()))?;
+    let (category, categories) = (column("category"), column("categories"));
+    let mut primary = HashMap::new();
+    for record in reader.records() {
+        let record = record?;
+        let get = |col: Option<usize>| col.and_then(|c| record.get(c)).filter(|s| !s.is_empty());
+        if let (Some(item), Some(first)) = (get(Some(id)), split_categories(get(categories), get(category)).first()) {
+            primary.insert(item.to_owned(), first.clone());
+        }
+    }
+    Ok(primary)
 }
 
 /// Reads the events CSV of ../shared/data (`user_id,item_id,type,value,timestamp`).

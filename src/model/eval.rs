@@ -2,6 +2,7 @@
 //! retrain: leave-one-out split, the network, the popular and item-kNN
 //! baselines on the same test cases, and the snapshot that is served.
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -84,14 +85,15 @@ fn blended<'a>(
     }
 }
 
-/// The co-occurrence weight that serves validation best (0 = network alone).
+/// The co-occurrence weight that serves validation best by NDCG over the
+/// whole ranking (0 = network alone).
 fn choose_knn_weight(data: &Dataset, weights: &Weights, knn: &Neighbours, valid: &[Case], cfg: &TrainConfig) -> f32 {
     let mut best = (f64::NEG_INFINITY, 0.0);
     for w in [0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0] {
-        let ndcg = metrics::evaluate(data, valid, cfg.seed, blended(weights, knn, w, cfg.max_len)).ndcg;
-        tracing::debug!(knn_weight = w, validation_ndcg = ndcg, "blend");
-        if ndcg > best.0 {
-            best = (ndcg, w);
+        let score = metrics::evaluate(data, valid, cfg.seed, blended(weights, knn, w, cfg.max_len)).ndcg_full;
+        tracing::debug!(knn_weight = w, validation_ndcg_full = score, "blend");
+        if score > best.0 {
+            best = (score, w);
         }
     }
     best.1
@@ -198,7 +200,13 @@ pub fn train_and_evaluate(
 }
 
 /// `recd eval`: events in, report out.
-pub fn evaluate_events(rows: Vec<EventRow>, cfg: &TrainConfig, progress: bool) -> anyhow::Result<EvalReport> {
-    let data = Dataset::from_events(rows);
+pub fn evaluate_events(
+    rows: Vec<EventRow>,
+    categories: &HashMap<String, String>,
+    cfg: &TrainConfig,
+    progress: bool,
+) -> anyhow::Result<EvalReport> {
+    let mut data = Dataset::from_events(rows);
+    data.set_categories(categories);
     Ok(train_and_evaluate(&data, cfg, progress)?.1)
 }

@@ -23,6 +23,11 @@ pub struct Metrics {
     pub sampled_hr: f64,
     #[serde(rename = "sampled_ndcg@10")]
     pub sampled_ndcg: f64,
+    /// NDCG over the whole ranking, without a cutoff (1 / log2(rank + 2)):
+    /// it moves with every target's rank, not only those in the top 10, so
+    /// training selects by it (not reported).
+    #[serde(skip)]
+    pub ndcg_full: f64,
 }
 
 /// The 0-based rank of `target` among the items not in `exclude` (index 0
@@ -97,7 +102,7 @@ where
                 let scorer = &scorer;
                 scope.spawn(move || {
                     let mut scores = Vec::new();
-                    let mut sums = [0f64; 4];
+                    let mut sums = [0f64; 5];
                     for (i, case) in cases.iter().enumerate() {
                         let seq = &data.sequences[case.user as usize];
                         let history = &seq[..case.prefix as usize];
@@ -106,6 +111,7 @@ where
                         let rank = full_rank(&scores, case.target, &seen);
                         sums[0] += hit_at(rank);
                         sums[1] += ndcg_at(rank);
+                        sums[4] += rank.map_or(0.0, |r| 1.0 / ((r + 2) as f64).log2());
                         let touched: HashSet<u32> = seq.iter().map(|s| s.item).collect();
                         let mut rng =
                             StdRng::seed_from_u64(seed ^ ((part * chunk + i) as u64).wrapping_mul(0x9E37_79B9));
@@ -126,9 +132,9 @@ where
                 })
             })
             .collect();
-        handles.into_iter().fold([0f64; 4], |mut acc, h| {
+        handles.into_iter().fold([0f64; 5], |mut acc, h| {
             let s = h.join().expect("evaluation thread panicked");
-            for k in 0..4 {
+            for k in 0..5 {
                 acc[k] += s[k];
             }
             acc
@@ -140,6 +146,7 @@ where
         ndcg: sums[1] / n,
         sampled_hr: sums[2] / n,
         sampled_ndcg: sums[3] / n,
+        ndcg_full: sums[4] / n,
     }
 }
 

@@ -1,6 +1,9 @@
 //! The network in candle, for training: item + event-type embeddings, an
 //! LSTM, a projection to the embedding size, and scores as dot products with
-//! the (tied) item embeddings plus an item bias.
+//! the (tied) item embeddings plus an item bias. Where the catalogue has
+//! categories, an item's embedding is its own vector plus its category's, so
+//! that an item seen once still lands near the rest of its category; the
+//! sum is what a snapshot stores.
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::distributions::{Distribution, WeightedIndex};
@@ -101,6 +104,10 @@ pub struct Network {
     pub proj: Var,
     pub proj_b: Var,
     pub item_bias: Var,
+    /// Category embeddings (row 0: items without one), when used.
+    pub category_emb: Option<Var>,
+    /// Per dense item index, its dense category index.
+    item_category: Vec<u32>,
 }
 
 fn uniform(rng: &mut StdRng, shape: (usize, usize), bound: f32) -> Result<Var> {
@@ -128,7 +135,15 @@ pub struct Dropouts {
 impl Network {
     /// Uniform initialisation within +-sqrt(6 / (fan_in + fan_out)); the
     /// forget gate starts open (bias 1).
-    pub fn new(items: usize, dim: usize, hidden: usize, rng: &mut StdRng) -> Result<Self> {
+    /// `categories`: each dense item's category index (0: none) and how many
+    /// categories there are; None trains without them.
+    pub fn new(
+        items: usize,
+        dim: usize,
+        hidden: usize,
+        categories: Option<(&[u32], usize)>,
+        rng: &mut StdRng,
+    ) -> Result<Self> {
         let glorot = |a: usize, b: usize| (6.0 / (a + b) as f32).sqrt();
         let item_emb = uniform(rng, (items + 1, dim), glorot(dim, dim) * 0.5)?;
         let kind_emb = uniform(rng, (KINDS, dim), glorot(dim, dim) * 0.5)?;
@@ -140,6 +155,15 @@ impl Network {
         let proj = uniform(rng, (dim, hidden), glorot(hidden, dim))?;
         let proj_b = Var::zeros(dim, DType::F32, &Device::Cpu)?;
         let item_bias = Var::zeros(items + 1, DType::F32, &Device::Cpu)?;
+        // Drawn last: without categories, the draws above match a run
+        // that never had them.
+        let (category_emb, item_category) = match categories {
+            Some((of_item, count)) => (
+                Some(uniform(rng, (count + 1, dim), glorot(dim, dim) * 0.5)?),
+                of_item.to_vec(),
+            ),
+            None => (None, Vec::new()),
+        };
         Ok(Network {
             items,
             dim,
@@ -152,11 +176,13 @@ impl Network {
             proj,
             proj_b,
             item_bias,
+            category_emb,
+            item_category,
         })
     }
 
     pub fn vars(&self) -> Vec<Var> {
-        vec![
+        let mut vars = vec![
             self.item_emb.clone(),
             self.kind_emb.clone(),
             self.w_ih.clone(),
@@ -165,7 +191,35 @@ impl Network {
             self.proj.clone(),
             self.proj_b.clone(),
             self.item_bias.clone(),
-        ]
+        ];
+        vars.extend(self.category_emb.clone());
+        vars
+    }
+
+    /// The embeddings of `ids` (dense indexes), category part included.
+    fn item_rows(&self, ids: Vec<u32>) -> Result<Tensor> {
+        let dev = Device::Cpu;
+        let n = ids.len();
+        let cats: Option<Vec<u32>> = self
+            .category_emb
+            .as_ref()
+            .map(|_| ids.iter().map(|&i| self.item_category[i as usize]).collect());
+        let rows = self.item_emb.index_select(&Tensor::from_vec(ids, n, &dev)?, 0)?;
+        match (&self.category_emb, cats) {
+            (Some(emb), Some(cats)) => rows + emb.index_select(&Tensor::from_vec(cats, n, &dev)?, 0)?,
+            _ => Ok(rows),
+        }
+    }
+
+    /// The whole item table as scored: own vectors plus category vectors.
+    fn item_table(&self) -> Result<Tensor> {
+        match &self.category_emb {
+            Some(emb) => {
+                let cats = Tensor::from_slice(&self.item_category, self.item_category.len(), &Device::Cpu)?;
+                self.item_emb.as_tensor() + emb.index_select(&cats, 0)?
+            }
+            None => Ok(self.item_emb.as_tensor().clone()),
+        }
     }
 
     /// Query vectors (N, dim) at the batch's target positions.
@@ -188,9 +242,7 @@ impl Network {
         let mut ids = Vec::with_capacity(batch.items.len() + extra.len());
         ids.extend_from_slice(&batch.items);
         ids.extend_from_slice(extra);
-        let all = self
-            .item_emb
-            .index_select(&Tensor::from_vec(ids, t_len * b_len + extra.len(), &dev)?, 0)?;
+        let all = self.item_rows(ids)?;
         let rows = all.narrow(0, t_len * b_len, extra.len())?;
         let kinds = Tensor::from_slice(&batch.kinds, t_len * b_len, &dev)?;
         let x = (all.narrow(0, 0, t_len * b_len)? + self.kind_emb.index_select(&kinds, 0)?)?;
@@ -212,7 +264,7 @@ impl Network {
         // Column 0 is the padding row: never a target, it only learns to
         // score low, which costs less than slicing it off.
         q.apply_op3(
-            self.item_emb.as_tensor(),
+            &self.item_table()?,
             self.item_bias.as_tensor(),
             FullSoftmax::new(batch.targets.clone()),
         )
@@ -239,7 +291,7 @@ impl Network {
         Ok(Weights {
             dim: self.dim,
             hidden: self.hidden,
-            item_emb: flat(&self.item_emb)?,
+            item_emb: self.item_table()?.flatten_all()?.to_vec1::<f32>()?,
             kind_emb: flat(&self.kind_emb)?,
             w_ih: flat(&self.w_ih)?,
             w_hh: flat(&self.w_hh)?,

@@ -1,6 +1,8 @@
 //! What serving and the trainer read and write: a user's newest events,
 //! catalogue changes, popularity, training runs, impressions and clicks.
 
+use std::collections::HashMap;
+
 use sqlx::Row;
 
 use super::{Result, Store};
@@ -106,6 +108,25 @@ impl Store {
             }).collect::<Vec<_>>()
         });
         Ok(rows)
+    }
+
+    /// Every item's primary (first) category, deleted items too: what the
+    /// model learns categories from.
+    pub async fn primary_categories(&self) -> Result<HashMap<String, String>> {
+        const SELECT: &str = "SELECT item_id, categories FROM items WHERE categories <> '[]'";
+        let rows = on_pool!(self, pool => {
+            sqlx::query_as::<_, (String, String)>(SELECT).fetch_all(pool).await?
+        });
+        Ok(rows
+            .into_iter()
+            .filter_map(|(item, categories)| {
+                let first = serde_json::from_str::<Vec<String>>(&categories)
+                    .ok()?
+                    .into_iter()
+                    .next()?;
+                Some((item, first))
+            })
+            .collect())
     }
 
     /// The newest catalogue change (ms), if any item exists.

@@ -1,5 +1,6 @@
-//! Training from the store: events POSTed through the API become a model
-//! whose snapshot, saved in the store and loaded back, scores the same.
+//! Training from the store: events POSTed through the API, with the
+//! catalogue's categories, become a model whose snapshot, saved in the store
+//! and loaded back, scores the same.
 
 use recd::model::{train_and_evaluate, Dataset, ModelSnapshot, TrainConfig};
 use serde_json::{json, Value};
@@ -28,6 +29,22 @@ async fn events_train_into_a_snapshot_that_loads_back(app: TestApp) {
         .unwrap();
     assert_eq!(reply["accepted"], 160);
 
+    // The catalogue's categories reach the model: each item's first one.
+    for (item, categories) in [
+        ("a", json!(["shoes", "sale"])),
+        ("b", json!(["socks"])),
+        ("c", json!([])),
+    ] {
+        let put = app
+            .put(&format!("/v1/items/{item}"), &json!({"categories": categories}))
+            .await;
+        assert!(put.status().is_success(), "PUT {item}: {}", put.status());
+    }
+    let primary = app.store.primary_categories().await.unwrap();
+    assert_eq!(primary.len(), 2, "{primary:?}");
+    assert_eq!(primary["a"], "shoes");
+    assert_eq!(primary["b"], "socks");
+
     let rows = app.store.training_events().await.unwrap();
     assert_eq!(rows.len(), 160);
     let config = TrainConfig {
@@ -36,7 +53,9 @@ async fn events_train_into_a_snapshot_that_loads_back(app: TestApp) {
         max_epochs: 3,
         ..TrainConfig::default()
     };
-    let data = Dataset::from_events(rows);
+    let mut data = Dataset::from_events(rows);
+    data.set_categories(&primary);
+    assert_eq!(data.categories, 2);
     let (snapshot, report) = train_and_evaluate(&data, &config, false).unwrap();
     assert_eq!(report.data.users, 40);
     let bytes = snapshot.to_bytes().unwrap();
