@@ -4,7 +4,7 @@
 //! (`recd::recommend::approximate_top_n`: candidates, exact rescoring with
 //! co-occurrence, seen items left out) against the exact top 10.
 //!
-//!     cargo run --release --example ann_recall -- --database-url sqlite://data/recd.db [--ef 100,200,400]
+//!     cargo run --release --example ann_recall -- --database-url sqlite://data/recd.db [--ef 100,200,400] [--candidates 200] [--vectors f16]
 //!
 //! A store made by `recd import` + `recd train`, or one that `serve_bench`
 //! prepared (`target/release/serve-bench/*/bench.db`).
@@ -16,7 +16,7 @@ use std::time::Instant;
 use clap::Parser;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use recd::model::ann::{AnnIndex, AnnSettings};
+use recd::model::ann::{AnnIndex, AnnSettings, Vectors};
 use recd::model::{top_n, ModelSnapshot, Step};
 use recd::recommend::approximate_top_n;
 use recd::store::{Store, StoreOptions};
@@ -45,6 +45,9 @@ struct Args {
     /// The newest this many events of a user feed the model.
     #[arg(long, default_value_t = 50)]
     max_len: usize,
+    /// Vectors in the index: f32 or f16.
+    #[arg(long, default_value = "f32")]
+    vectors: String,
     /// Rank by the network's scores alone (no co-occurrence), to see the
     /// index's own recall.
     #[arg(long)]
@@ -90,17 +93,23 @@ fn main() -> anyhow::Result<()> {
         ef_construction: args.ef_construction,
         ef_search: args.candidates,
         build_threads: 0,
+        vectors: match args.vectors.as_str() {
+            "f32" => Vectors::F32,
+            "f16" => Vectors::F16,
+            other => anyhow::bail!("--vectors: f32 or f16, not {other:?}"),
+        },
     };
     let index = AnnIndex::build(weights, &settings, &AtomicBool::new(false))?
         .ok_or_else(|| anyhow::anyhow!("the build was cancelled"))?;
     println!(
-        "index: {:.1} s to build ({} threads), {} MiB; connectivity {}, ef_construction {}, {} candidates",
+        "index: {:.1} s to build ({} threads), {} MiB; connectivity {}, ef_construction {}, {} candidates, {} vectors",
         index.build_seconds,
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         index.memory_bytes() >> 20,
         args.connectivity,
         args.ef_construction,
-        args.candidates
+        args.candidates,
+        args.vectors
     );
     println!("\n| search | recall@10 | p50 ms | p99 ms |");
     println!("| --- | ---: | ---: | ---: |");

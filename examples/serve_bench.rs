@@ -10,8 +10,13 @@
 //!   (training capped at 60 s: a shorter training makes a less accurate model
 //!   of the same shape, so serving costs the same);
 //! - `synthetic`: a catalogue of `--items` (default 1,000,000) items with a
-//!   random (seeded) network of the served shape, 20,000 users with 20 events
-//!   each, built here with the library.
+//!   seeded network of the served shape, 20,000 users with 20 events each,
+//!   built here with the library. `--weights clustered` (the default) gives
+//!   the items `--categories` categories: each item's embedding is its
+//!   category's vector plus its own, as a model trained with categories
+//!   learns, and shoppers browse within a few categories; `--weights random`
+//!   draws every item's embedding independently and every view at random,
+//!   the worst case for a nearest-neighbour index.
 //!
 //! For each, 64 keep-alive connections (one tokio task each, requests back to
 //! back, closed loop) load `GET /healthz`, then `GET
@@ -55,6 +60,20 @@ use recd::store::{Item, Store, StoreOptions};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Gives item i (1-based) the vector of category (i - 1) % `categories`
+/// (drawn at 3x an item's own scale) plus its own, as in a model trained
+/// with category embeddings.
+fn cluster(weights: &mut Weights, categories: usize, rng: &mut impl Rng) {
+    let dim = weights.dim;
+    let centres = random_weights(categories, dim, 1, rng).item_emb;
+    for (i, row) in weights.item_emb.chunks_mut(dim).enumerate().skip(1) {
+        let centre = &centres[(1 + (i - 1) % categories) * dim..][..dim];
+        for (x, c) in row.iter_mut().zip(centre) {
+            *x += 3.0 * c;
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(about = "Load a release recd with recommendation and health requests")]
 struct Args {
@@ -84,6 +103,12 @@ struct Args {
     synthetic_users: usize,
     #[arg(long, default_value_t = 20)]
     events_per_user: usize,
+    /// How the synthetic catalogue's item embeddings are laid out.
+    #[arg(long, value_enum, default_value_t = Layout::Clustered)]
+    weights: Layout,
+    /// Categories of the clustered synthetic catalogue.
+    #[arg(long, default_value_t = 5_000)]
+    categories: usize,
     /// The release binary [default: $CARGO_TARGET_DIR/release/recd].
     #[arg(long)]
     recd: Option<PathBuf>,
@@ -105,6 +130,12 @@ struct Args {
     /// Seconds to wait for the nearest-neighbour index of a large catalogue.
     #[arg(long, default_value_t = 1800)]
     index_timeout: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
+enum Layout {
+    Clustered,
+    Random,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -263,9 +294,9 @@ fn csv_users_items(path: &Path) -> anyhow::Result<(Vec<String>, usize, usize)> {
 }
 
 /// A synthetic store: `items` catalogue items, `synthetic_users` users with
-/// `events_per_user` views each, and a seeded random network snapshot of the
-/// served shape (dim 64, hidden 64). Serving cost does not depend on the
-/// weights' values, only on their shape.
+/// `events_per_user` views each, and a seeded network snapshot of the served
+/// shape (dim 64, hidden 64). Exact scoring costs the same whatever the
+/// weights; a nearest-neighbour search does not, hence `--weights`.
 async fn prepare_synthetic(args: &Args, cache: &Path) -> anyhow::Result<Prepared> {
     const SEED: u64 = 7;
     let (n, users, per_user) = (args.items, args.synthetic_users, args.events_per_user);
@@ -273,10 +304,12 @@ async fn prepare_synthetic(args: &Args, cache: &Path) -> anyhow::Result<Prepared
         n > 0 && users > 0 && per_user > 0,
         "the synthetic store needs items, users and events"
     );
-    let dir = cache.join(format!("synthetic-{n}"));
+    let (layout, categories) = (args.weights, args.categories.clamp(1, n));
+    let dir = cache.join(format!("synthetic-{n}-{layout:?}").to_lowercase());
     let db = dir.join("bench.db");
     let key = format!(
-        "items={n} users={users} events_per_user={per_user} seed={SEED} dim=64 hidden=64 meta=2 catalogue=spaced"
+        "items={n} users={users} events_per_user={per_user} seed={SEED} dim=64 hidden=64 meta=2 catalogue=spaced \
+         weights={layout:?} categories={categories}"
     );
     let user_ids: Vec<String> = (0..users).map(|u| format!("user{u:06}")).collect();
     if !args.fresh && is_ready(&dir, &key) {
@@ -316,8 +349,15 @@ async fn prepare_synthetic(args: &Args, cache: &Path) -> anyhow::Result<Prepared
         println!("  catalogue: {n} items ({:.0} s)", started.elapsed().as_secs_f64());
 
         // Views one minute apart over the last days, items skewed towards
-        // the head of the catalogue as shop traffic is.
+        // the head of the catalogue as shop traffic is; with clustered
+        // weights, item i is in category (i - 1) % categories and each
+        // shopper browses within three categories.
         let mut rng = rand::rngs::StdRng::seed_from_u64(SEED);
+        let per_category = n.div_ceil(categories);
+        let skewed = |rng: &mut rand::rngs::StdRng, len: usize| {
+            let r: f64 = rng.gen();
+            ((r * r * r * len as f64) as usize).min(len - 1)
+        };
         let base = now - (per_user as i64 + 1) * 60_000 - users as i64;
         let mut sequences: Vec<Vec<Step>> = Vec::with_capacity(users);
         let mut popularity = vec![0f32; n + 1];
@@ -325,9 +365,15 @@ async fn prepare_synthetic(args: &Args, cache: &Path) -> anyhow::Result<Prepared
         let mut batch = Vec::with_capacity(10_000);
         for (u, user) in user_ids.iter().enumerate() {
             let mut seq = Vec::with_capacity(per_user);
+            let browsed: Vec<usize> = (0..3).map(|_| skewed(&mut rng, categories)).collect();
             for j in 0..per_user {
-                let r: f64 = rng.gen();
-                let index = ((r * r * r * n as f64) as usize).min(n - 1) + 1;
+                let index = match layout {
+                    Layout::Random => skewed(&mut rng, n) + 1,
+                    Layout::Clustered => {
+                        let c = browsed[rng.gen_range(0..browsed.len())];
+                        (c + categories * skewed(&mut rng, per_category)).min(n - 1) + 1
+                    }
+                };
                 let ts = base + j as i64 * 60_000 + u as i64;
                 newest = newest.max(ts);
                 popularity[index] += 1.0;
@@ -360,7 +406,10 @@ async fn prepare_synthetic(args: &Args, cache: &Path) -> anyhow::Result<Prepared
         );
 
         let neighbours = Neighbours::build(n, sequences.iter().map(Vec::as_slice), 100);
-        let weights = random_weights(n, 64, 64, &mut rng);
+        let mut weights = random_weights(n, 64, 64, &mut rng);
+        if layout == Layout::Clustered {
+            cluster(&mut weights, categories, &mut rng);
+        }
         let meta = SnapshotMeta {
             version: chrono::Utc::now().format("%Y%m%d%H%M%S%3f").to_string(),
             trained_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),

@@ -36,6 +36,17 @@ pub struct AnnSettings {
     pub ef_search: usize,
     /// Threads that build the index (`0`: one per core).
     pub build_threads: usize,
+    /// How the index stores the vectors: `f32`, or `f16` (half the memory
+    /// and memory traffic; candidates are scored exactly either way).
+    pub vectors: Vectors,
+}
+
+/// The number format of the vectors in the index.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Vectors {
+    F32,
+    F16,
 }
 
 impl Default for AnnSettings {
@@ -47,6 +58,7 @@ impl Default for AnnSettings {
             ef_construction: 100,
             ef_search: 200,
             build_threads: 0,
+            vectors: Vectors::F32,
         }
     }
 }
@@ -99,7 +111,10 @@ impl AnnIndex {
         let options = IndexOptions {
             dimensions: dim + 1,
             metric: MetricKind::IP,
-            quantization: ScalarKind::F32,
+            quantization: match settings.vectors {
+                Vectors::F32 => ScalarKind::F32,
+                Vectors::F16 => ScalarKind::F16,
+            },
             connectivity: settings.connectivity,
             expansion_add: settings.ef_construction,
             expansion_search: settings.ef_search.max(settings.candidates),

@@ -401,11 +401,21 @@ impl Serving {
                     _ => None,
                 };
                 let best = approximate.unwrap_or_else(|| {
-                    SCORES.with(|scores| {
-                        let mut scores = scores.borrow_mut();
-                        model.score_user(history, state.as_ref(), &mut scores);
-                        top_n(&scores, request.n, skip)
-                    })
+                    let scan = || {
+                        SCORES.with(|scores| {
+                            let mut scores = scores.borrow_mut();
+                            model.score_user(history, state.as_ref(), &mut scores);
+                            top_n(&scores, request.n, skip)
+                        })
+                    };
+                    // Scanning a large catalogue takes milliseconds: the
+                    // runtime hands this worker's other tasks to another
+                    // thread meanwhile.
+                    if model.items() >= LONG_SCAN_ITEMS && on_multi_thread_runtime() {
+                        tokio::task::block_in_place(scan)
+                    } else {
+                        scan()
+                    }
                 });
                 self.states.insert(
                     user_id.to_owned(),
@@ -559,6 +569,15 @@ pub fn approximate_top_n(
     best.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     best.truncate(n);
     Some(best)
+}
+
+/// From this many items, scoring every item (about 1 ms per 100,000) leaves
+/// the async worker for the time it takes.
+const LONG_SCAN_ITEMS: usize = 100_000;
+
+fn on_multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 /// Below this many interactions in the training data an item's similar
