@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
 use super::snapshot::Weights;
@@ -42,7 +42,7 @@ pub struct AnnSettings {
 }
 
 /// The number format of the vectors in the index.
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Vectors {
     F32,
@@ -192,6 +192,11 @@ impl AnnIndex {
     /// Changes the breadth of the search (for measuring recall against it).
     pub fn set_ef_search(&self, ef: usize) {
         self.index.change_expansion_search(ef);
+    }
+
+    /// How the index stores its vectors.
+    pub fn vectors(&self) -> Vectors {
+        self.settings.vectors
     }
 
     /// Bytes the index holds (graph and vectors).

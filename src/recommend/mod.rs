@@ -24,7 +24,7 @@ pub use history::{Histories, FOLLOW_EVERY};
 pub use popular::PopularCache;
 
 use crate::ingest::EventType;
-use crate::model::ann::{AnnIndex, AnnSettings};
+use crate::model::ann::{AnnIndex, AnnSettings, Vectors};
 use crate::model::{top_n, ModelSnapshot, Step, UserState};
 use crate::store::{Impression, UserEvent};
 
@@ -170,6 +170,12 @@ pub struct IndexInfo {
     pub state: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub build_seconds: Option<f64>,
+    /// Bytes the ready index holds (graph and vectors).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<usize>,
+    /// The number format of the ready index's vectors (`f32` or `f16`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vectors: Option<Vectors>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -298,6 +304,8 @@ impl Serving {
                 kind: "exact",
                 state: None,
                 build_seconds: None,
+                memory_bytes: None,
+                vectors: None,
                 error: None,
             });
         }
@@ -312,6 +320,8 @@ impl Serving {
                 (None, false) => "building",
             }),
             build_seconds: ready.as_ref().map(|r| r.index.build_seconds),
+            memory_bytes: ready.as_ref().map(|r| r.index.memory_bytes()),
+            vectors: ready.as_ref().map(|r| r.index.vectors()),
             error: state.error.clone().filter(|_| current && ready.is_none()),
         })
     }

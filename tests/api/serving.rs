@@ -496,6 +496,7 @@ mod approximate {
         let Some(app) = spawn_app_with(db, |s| {
             fast(s);
             s.ann.min_items = 1;
+            s.ann.vectors = recd::model::ann::Vectors::F16;
         })
         .await
         else {
@@ -514,6 +515,8 @@ mod approximate {
         assert_eq!(index["kind"], "approximate", "{index}");
         assert_eq!(index["state"], "ready", "{index}");
         assert!(index["build_seconds"].as_f64().is_some(), "{index}");
+        assert_eq!(index["vectors"], "f16", "{index}");
+        assert!(index["memory_bytes"].as_u64().is_some_and(|b| b > 0), "{index}");
         let approximate = answers(&app, &version).await;
         let personalized = approximate.iter().filter(|a| a[2] == "personalized").count();
         assert!(personalized >= 100, "{personalized} personalized answers");
