@@ -124,6 +124,8 @@ fn scoring(c: &mut Criterion) {
             top_n(&scores, 10, |i| history.iter().any(|s| s.item == i))
         })
     });
+    // A first request: the user's LSTM state over the whole history.
+    c.bench_function("user_state_history", |b| b.iter(|| snapshot.user_state(&history, 50)));
 }
 
 criterion_group!(benches, training_steps, scoring);

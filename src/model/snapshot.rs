@@ -89,7 +89,7 @@ fn sigmoid(x: f32) -> f32 {
 }
 
 /// out[r] += dot(m[r], v) for a row-major matrix with `v.len()` columns.
-#[inline]
+#[inline(always)]
 fn matvec_add(m: &[f32], v: &[f32], out: &mut [f32]) {
     let cols = v.len();
     for (row, o) in m.chunks_exact(cols).zip(out.iter_mut()) {
@@ -128,10 +128,21 @@ impl Weights {
         }
         SCRATCH.with(|scratch| {
             let (x, gates) = &mut *scratch.borrow_mut();
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features the function is built for.
+                    unsafe { advance_avx2(self, state, step, x, gates) };
+                    return;
+                }
+            }
             self.advance_with(state, step, x, gates);
         });
     }
 
+    /// The step's arithmetic; the same floats with or without AVX2 (the
+    /// sums keep their order and Rust forms no fused multiply-adds).
+    #[inline(always)]
     fn advance_with(&self, state: &mut UserState, step: Step, x: &mut Vec<f32>, gates: &mut Vec<f32>) {
         let (d, h) = (self.dim, self.hidden);
         let item = step.item as usize;
@@ -211,6 +222,13 @@ fn score_rows(emb: &[f32], bias: &[f32], q: &[f32], scores: &mut [f32]) {
     for ((row, bias), s) in emb.chunks_exact(q.len()).zip(bias).zip(scores.iter_mut()) {
         *s = dot(row, q) + bias;
     }
+}
+
+/// `Weights::advance_with` compiled with AVX2 and FMA enabled.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn advance_avx2(w: &Weights, state: &mut UserState, step: Step, x: &mut Vec<f32>, gates: &mut Vec<f32>) {
+    w.advance_with(state, step, x, gates);
 }
 
 /// `score_rows` compiled with AVX2 and FMA enabled.
