@@ -127,6 +127,11 @@ struct Args {
     /// Seconds to wait for `recd serve` to load its snapshot and answer.
     #[arg(long, default_value_t = 600)]
     startup_timeout: u64,
+    /// Settings for the `recd serve` under test, as environment variables
+    /// (`--server-env RECD_ANN__EF_SEARCH=100`; repeatable). The driver
+    /// passes no other `RECD_*` variable of its own environment on.
+    #[arg(long, value_name = "KEY=VALUE")]
+    server_env: Vec<String>,
     /// Seconds to wait for the nearest-neighbour index of a large catalogue.
     #[arg(long, default_value_t = 1800)]
     index_timeout: u64,
@@ -603,7 +608,14 @@ async fn bench_scenario(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow
     let log = run_dir.path().join("recd.log");
     let log_file = std::fs::File::create(&log)?;
     let started = Instant::now();
-    let child = recd_command(recd, &sqlite_url(&db))
+    let mut command = recd_command(recd, &sqlite_url(&db));
+    for setting in &args.server_env {
+        let (key, value) = setting
+            .split_once('=')
+            .with_context(|| format!("--server-env {setting:?}: expected KEY=VALUE"))?;
+        command.env(key, value);
+    }
+    let child = command
         .arg("serve")
         .env("RECD_LISTEN", addr.to_string())
         .stdout(log_file.try_clone()?)

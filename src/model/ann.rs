@@ -53,12 +53,12 @@ impl Default for AnnSettings {
     fn default() -> Self {
         AnnSettings {
             min_items: 100_000,
-            candidates: 200,
+            candidates: 100,
             connectivity: 16,
             ef_construction: 100,
-            ef_search: 200,
+            ef_search: 100,
             build_threads: 0,
-            vectors: Vectors::F32,
+            vectors: Vectors::F16,
         }
     }
 }
