@@ -24,7 +24,7 @@ pub struct AnnSettings {
     /// Catalogues of at least this many items get an index; smaller ones
     /// are scanned exactly. `0` turns the index off.
     pub min_items: usize,
-    /// Candidates taken from the index per answer (at least 10 x N), then
+    /// Candidates taken from the index per answer (at least 2 x N), then
     /// scored exactly.
     pub candidates: usize,
     /// Graph links per node.
@@ -186,7 +186,7 @@ impl AnnIndex {
 
     /// Candidates per answer of `n` items.
     pub fn candidates_for(&self, n: usize) -> usize {
-        self.settings.candidates.max(10 * n).min(self.items)
+        self.settings.candidates.max(2 * n).min(self.items)
     }
 
     /// Changes the breadth of the search (for measuring recall against it).
