@@ -197,18 +197,16 @@ impl Network {
     }
 
     /// The embeddings of `ids` (dense indexes), category part included.
-    fn item_rows(&self, ids: Vec<u32>) -> Result<Tensor> {
+    fn item_rows(&self, ids: &[u32]) -> Result<Tensor> {
         let dev = Device::Cpu;
-        let n = ids.len();
-        let cats: Option<Vec<u32>> = self
-            .category_emb
-            .as_ref()
-            .map(|_| ids.iter().map(|&i| self.item_category[i as usize]).collect());
-        let rows = self.item_emb.index_select(&Tensor::from_vec(ids, n, &dev)?, 0)?;
-        match (&self.category_emb, cats) {
-            (Some(emb), Some(cats)) => rows + emb.index_select(&Tensor::from_vec(cats, n, &dev)?, 0)?,
-            _ => Ok(rows),
-        }
+        let rows = self
+            .item_emb
+            .index_select(&Tensor::from_slice(ids, ids.len(), &dev)?, 0)?;
+        let Some(emb) = &self.category_emb else {
+            return Ok(rows);
+        };
+        let cats: Vec<u32> = ids.iter().map(|&i| self.item_category[i as usize]).collect();
+        rows + emb.index_select(&Tensor::from_vec(cats, ids.len(), &dev)?, 0)?
     }
 
     /// The whole item table as scored: own vectors plus category vectors.
@@ -242,7 +240,7 @@ impl Network {
         let mut ids = Vec::with_capacity(batch.items.len() + extra.len());
         ids.extend_from_slice(&batch.items);
         ids.extend_from_slice(extra);
-        let all = self.item_rows(ids)?;
+        let all = self.item_rows(&ids)?;
         let rows = all.narrow(0, t_len * b_len, extra.len())?;
         let kinds = Tensor::from_slice(&batch.kinds, t_len * b_len, &dev)?;
         let x = (all.narrow(0, 0, t_len * b_len)? + self.kind_emb.index_select(&kinds, 0)?)?;

@@ -159,7 +159,7 @@ struct AnnState {
 }
 
 /// How the served model ranks the catalogue, for `GET /v1/model`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct IndexInfo {
     /// `exact` (every item scored) or `approximate` (an HNSW index proposes
     /// candidates, scored exactly).
@@ -212,8 +212,7 @@ impl Serving {
     }
 
     /// Serves `snapshot` from now on; requests in flight finish on the one
-    /// they loaded.
-    /// A catalogue of `ann.min_items` or more gets an index built on a
+    /// they loaded. A catalogue of `ann.min_items` or more gets an index built on a
     /// thread of its own; until it is ready every item is scored.
     pub fn publish(&self, snapshot: ModelSnapshot) {
         let version = snapshot.meta.version.clone();
@@ -302,11 +301,7 @@ impl Serving {
         if model.weights.is_none() || !self.ann_settings.applies_to(model.items()) {
             return Some(IndexInfo {
                 kind: "exact",
-                state: None,
-                build_seconds: None,
-                memory_bytes: None,
-                vectors: None,
-                error: None,
+                ..IndexInfo::default()
             });
         }
         let ready = self.index_of(&model);

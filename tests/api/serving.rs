@@ -492,16 +492,14 @@ mod approximate {
         out
     }
 
-    async fn same_answers_as_scoring_every_item(db: Db) {
-        let Some(app) = spawn_app_with(db, |s| {
-            fast(s);
-            s.ann.min_items = 1;
-            s.ann.vectors = recd::model::ann::Vectors::F16;
-        })
-        .await
-        else {
-            return;
-        };
+    /// Fast training, and an index for any catalogue, with f16 vectors.
+    fn indexed(s: &mut Settings) {
+        fast(s);
+        s.ann.min_items = 1;
+        s.ann.vectors = recd::model::ann::Vectors::F16;
+    }
+
+    async fn same_answers_as_scoring_every_item(app: TestApp) {
         seed_shop(&app, 200).await;
         let version = published(&app).await;
         let mut index = Value::Null;
@@ -536,13 +534,5 @@ mod approximate {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn sqlite() {
-        same_answers_as_scoring_every_item(Db::Sqlite).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn postgres() {
-        same_answers_as_scoring_every_item(Db::Postgres).await;
-    }
+    crate::both_stores!(with super::indexed; same_answers_as_scoring_every_item);
 }
