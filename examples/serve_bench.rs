@@ -11,12 +11,16 @@
 //!   of the same shape, so serving costs the same);
 //! - `synthetic`: a catalogue of `--items` (default 1,000,000) items with a
 //!   seeded network of the served shape, 20,000 users with 20 events each,
-//!   built here with the library. `--weights clustered` (the default) gives
+//!   built here with the library. `--weights aligned` (the default) gives
 //!   the items `--categories` categories: each item's embedding is its
 //!   category's vector plus its own, as a model trained with categories
-//!   learns, and shoppers browse within a few categories; `--weights random`
-//!   draws every item's embedding independently and every view at random,
-//!   the worst case for a nearest-neighbour index.
+//!   learns, shoppers browse within a few categories, and the network's
+//!   query is a running average of the shopper's recent items, so it points
+//!   toward the categories they browse, as a trained network's does.
+//!   `--weights clustered` has the same items with a random network, whose
+//!   queries are unrelated to them; `--weights random` draws every item's
+//!   embedding independently and every view at random. Those two are worst
+//!   cases for a nearest-neighbour index.
 //!
 //! For each, 64 keep-alive connections (one tokio task each, requests back to
 //! back, closed loop) load `GET /healthz`, then `GET
@@ -74,6 +78,32 @@ fn cluster(weights: &mut Weights, categories: usize, rng: &mut impl Rng) {
     }
 }
 
+/// Makes the network's query a running average of the shopper's recent
+/// item embeddings, so that it points toward the categories they browse:
+/// the cell keeps about three quarters of its memory per event and takes
+/// in the new item's embedding (the cell-input weights are the identity),
+/// the output gate is open, and the projection is the identity. A trained
+/// network's query leans the same way (its next items are near the ones
+/// before), which a random network's does not. Needs `dim == hidden`.
+fn read_history(weights: &mut Weights) {
+    let (d, h) = (weights.dim, weights.hidden);
+    assert_eq!(d, h, "the identity maps need dim == hidden");
+    weights.kind_emb.fill(0.0);
+    weights.w_hh.fill(0.0);
+    weights.w_ih.fill(0.0);
+    weights.proj.fill(0.0);
+    weights.proj_b.fill(0.0);
+    // Gates in the order input, forget, cell, output.
+    let bias = [-1.0, 1.0, 0.0, 4.0];
+    for (gate, b) in bias.iter().enumerate() {
+        weights.b[gate * h..(gate + 1) * h].fill(*b);
+    }
+    for k in 0..h {
+        weights.w_ih[(2 * h + k) * d + k] = 2.0;
+        weights.proj[k * h + k] = 1.0;
+    }
+}
+
 #[derive(Parser)]
 #[command(about = "Load a release recd with recommendation and health requests")]
 struct Args {
@@ -104,7 +134,7 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     events_per_user: usize,
     /// How the synthetic catalogue's item embeddings are laid out.
-    #[arg(long, value_enum, default_value_t = Layout::Clustered)]
+    #[arg(long, value_enum, default_value_t = Layout::Aligned)]
     weights: Layout,
     /// Categories of the clustered synthetic catalogue.
     #[arg(long, default_value_t = 5_000)]
@@ -139,7 +169,13 @@ struct Args {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 enum Layout {
+    /// Clustered items and a network whose query follows the categories
+    /// the shopper browsed, as a trained network's does.
+    Aligned,
+    /// Clustered items and a random network: queries unrelated to the
+    /// items.
     Clustered,
+    /// Every embedding and every view drawn independently.
     Random,
 }
 
@@ -374,7 +410,7 @@ async fn prepare_synthetic(args: &Args, cache: &Path) -> anyhow::Result<Prepared
             for j in 0..per_user {
                 let index = match layout {
                     Layout::Random => skewed(&mut rng, n) + 1,
-                    Layout::Clustered => {
+                    Layout::Aligned | Layout::Clustered => {
                         let c = browsed[rng.gen_range(0..browsed.len())];
                         (c + categories * skewed(&mut rng, per_category)).min(n - 1) + 1
                     }
@@ -412,8 +448,11 @@ async fn prepare_synthetic(args: &Args, cache: &Path) -> anyhow::Result<Prepared
 
         let neighbours = Neighbours::build(n, sequences.iter().map(Vec::as_slice), 100);
         let mut weights = random_weights(n, 64, 64, &mut rng);
-        if layout == Layout::Clustered {
+        if layout != Layout::Random {
             cluster(&mut weights, categories, &mut rng);
+        }
+        if layout == Layout::Aligned {
+            read_history(&mut weights);
         }
         let meta = SnapshotMeta {
             version: chrono::Utc::now().format("%Y%m%d%H%M%S%3f").to_string(),
