@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::error::{ApiError, Invalid};
 use super::{now_ms, ApiResult, AppState};
 use crate::ingest::check_id;
-use crate::recommend::{Exclude, Request, Serving, HISTORY_LIMIT};
+use crate::recommend::{Exclude, Request, Scored, Serving, HISTORY_LIMIT};
 use crate::store::Impression;
 
 pub(super) fn router() -> Router<AppState> {
@@ -108,7 +108,7 @@ async fn recommendations(
     State(state): State<AppState>,
     Path(user_id): Path<String>,
     Query(params): Query<Params>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<RecommendationsBody>> {
     let started = Instant::now();
     path_id("user_id", &user_id)?;
     let request = parse_request(&params)?;
@@ -145,13 +145,24 @@ async fn recommendations(
     });
     metrics::histogram!("recd_recommendation_duration_seconds", "strategy" => ranked.strategy)
         .record(started.elapsed().as_secs_f64());
-    Ok(Json(json!({
-        "user_id": user_id,
-        "recommendation_id": recommendation_id,
-        "model_version": ranked.model_version,
-        "strategy": ranked.strategy,
-        "items": ranked.items,
-    })))
+    Ok(Json(RecommendationsBody {
+        user_id,
+        recommendation_id,
+        model_version: ranked.model_version,
+        strategy: ranked.strategy,
+        items: ranked.items,
+    }))
+}
+
+/// The recommendations answer, written straight to JSON (no `Value` tree:
+/// this is the busiest route).
+#[derive(serde::Serialize)]
+struct RecommendationsBody {
+    user_id: String,
+    recommendation_id: String,
+    model_version: Option<String>,
+    strategy: &'static str,
+    items: Vec<Scored>,
 }
 
 /// `GET /v1/items/{item_id}/similar`: 404 for an item the catalogue does
