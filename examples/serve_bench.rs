@@ -136,7 +136,7 @@ struct Args {
     /// How the synthetic catalogue's item embeddings are laid out.
     #[arg(long, value_enum, default_value_t = Layout::Aligned)]
     weights: Layout,
-    /// Categories of the clustered synthetic catalogue.
+    /// Categories of the synthetic catalogue (`aligned` and `clustered`).
     #[arg(long, default_value_t = 5_000)]
     categories: usize,
     /// The release binary [default: $CARGO_TARGET_DIR/release/recd].

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use super::error::{ApiError, Invalid};
 use super::{now_ms, ApiResult, AppState};
 use crate::ingest::check_id;
-use crate::recommend::{Exclude, Request, Scored, Serving, HISTORY_LIMIT};
+use crate::recommend::{Exclude, Ranked, Request, Serving, HISTORY_LIMIT};
 use crate::store::Impression;
 
 pub(super) fn router() -> Router<AppState> {
@@ -148,21 +148,18 @@ async fn recommendations(
     Ok(Json(RecommendationsBody {
         user_id,
         recommendation_id,
-        model_version: ranked.model_version,
-        strategy: ranked.strategy,
-        items: ranked.items,
+        ranked,
     }))
 }
 
-/// The recommendations answer, written straight to JSON (no `Value` tree:
-/// this is the busiest route).
+/// The recommendations answer: the ranking with who asked and its id,
+/// serialised directly (no `Value` tree).
 #[derive(serde::Serialize)]
 struct RecommendationsBody {
     user_id: String,
     recommendation_id: String,
-    model_version: Option<String>,
-    strategy: &'static str,
-    items: Vec<Scored>,
+    #[serde(flatten)]
+    ranked: Ranked,
 }
 
 /// `GET /v1/items/{item_id}/similar`: 404 for an item the catalogue does

@@ -126,11 +126,8 @@ impl AnnIndex {
             expansion_search: settings.ef_search.max(settings.candidates),
             multi: false,
         };
-        let index = Index::new(&options).map_err(|e| anyhow::anyhow!("cannot create the index: {e}"))?;
         let threads = settings.threads().max(1);
-        index
-            .reserve_capacity_and_threads(items, threads.max(SEARCH_CONTEXTS))
-            .map_err(|e| anyhow::anyhow!("cannot reserve the index: {e}"))?;
+        let index = new_index(&options, items, threads.max(SEARCH_CONTEXTS))?;
         let failed = std::sync::Mutex::new(None);
         std::thread::scope(|scope| {
             for t in 0..threads {
@@ -213,9 +210,20 @@ impl AnnIndex {
     }
 }
 
+/// An empty index with room for `capacity` items and `threads` searches or
+/// insertions at once.
+fn new_index(options: &IndexOptions, capacity: usize, threads: usize) -> anyhow::Result<Index> {
+    let index = Index::new(options).map_err(|e| anyhow::anyhow!("cannot create the index: {e}"))?;
+    index
+        .reserve_capacity_and_threads(capacity, threads)
+        .map_err(|e| anyhow::anyhow!("cannot reserve the index: {e}"))?;
+    Ok(index)
+}
+
 /// The index moved into an anonymous mapping advised for huge pages, and
 /// a view of it (searches only). Where the kernel gives no huge pages the
-/// mapping is ordinary memory, as before.
+/// mapping is ordinary memory, as before. For the copy both are held at
+/// once: the build thread briefly needs the index's memory twice.
 fn into_huge_pages(built: Index, options: &IndexOptions) -> anyhow::Result<(Index, memmap2::MmapMut)> {
     let mut memory = memmap2::MmapMut::map_anon(built.serialized_length().max(1))
         .map_err(|e| anyhow::anyhow!("cannot map memory for the index: {e}"))?;
@@ -227,10 +235,8 @@ fn into_huge_pages(built: Index, options: &IndexOptions) -> anyhow::Result<(Inde
         .save_to_buffer(&mut memory)
         .map_err(|e| anyhow::anyhow!("cannot copy the index: {e}"))?;
     drop(built);
-    let view = Index::new(options).map_err(|e| anyhow::anyhow!("cannot create the index: {e}"))?;
     // The view keeps the search contexts reserved here.
-    view.reserve_capacity_and_threads(0, SEARCH_CONTEXTS)
-        .map_err(|e| anyhow::anyhow!("cannot reserve the index: {e}"))?;
+    let view = new_index(options, 0, SEARCH_CONTEXTS)?;
     // SAFETY: `memory` is neither changed nor unmapped while the view lives:
     // `AnnIndex` holds both, read-only, and drops the view first.
     unsafe { view.view_from_buffer(&memory) }.map_err(|e| anyhow::anyhow!("cannot view the index: {e}"))?;

@@ -78,7 +78,7 @@ pub struct Scored {
 }
 
 /// The ranking part of a recommendations response.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Ranked {
     pub model_version: Option<String>,
     /// `personalized` or `popular`.
@@ -362,9 +362,8 @@ impl Serving {
         request: &Request,
         popular: &[(String, f64)],
     ) -> Ranked {
-        let excluded = excluded_ids(events, request);
         let Some(model) = model else {
-            return self.popular_for(None, popular, request, &excluded);
+            return self.popular_for(None, popular, request, events);
         };
         // The same user, events, model, catalogue and question as last time:
         // the same ranking, with no scoring.
@@ -386,7 +385,7 @@ impl Serving {
             history_of(model, events)
         };
         if repeated.is_none() && history.is_empty() {
-            return self.popular_for(Some(model.meta.version.clone()), popular, request, &excluded);
+            return self.popular_for(Some(model.meta.version.clone()), popular, request, events);
         }
         let history = &history[history.len().saturating_sub(self.max_len)..];
         let best = match repeated {
@@ -396,7 +395,10 @@ impl Serving {
                     Some(c) => c.state,
                     None => model.user_state(history, history.len()),
                 };
-                let excluded_index: HashSet<u32> = excluded.iter().filter_map(|id| model.item_index(id)).collect();
+                let excluded_index: HashSet<u32> = excluded_ids(events, request)
+                    .into_iter()
+                    .filter_map(|id| model.item_index(id))
+                    .collect();
                 let catalogue = self.catalogue.view();
                 let skip = |i: u32| {
                     excluded_index.contains(&i) || !catalogue.allows(model.item_id(i), request.category.as_deref())
@@ -462,8 +464,9 @@ impl Serving {
         version: Option<String>,
         popular: &[(String, f64)],
         request: &Request,
-        excluded: &HashSet<&str>,
+        events: &[UserEvent],
     ) -> Ranked {
+        let excluded = excluded_ids(events, request);
         let kind = if request.category.is_some() {
             "category"
         } else {
