@@ -47,31 +47,42 @@ pub const MAX_BODY: usize = 1024 * 1024;
 /// A gzip body may inflate to at most this.
 pub const MAX_INFLATED_BODY: usize = 5 * 1024 * 1024;
 
-/// What every handler can reach. Cheap to clone.
+/// What every handler can reach: one shared allocation, so the clone each
+/// request makes of it is one reference count.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+pub struct Shared {
     pub store: Store,
-    pub settings: Arc<Settings>,
+    pub settings: Settings,
     pub metrics: PrometheusHandle,
     /// Items this process has seen stored, so ingest skips their insert.
-    pub known_items: Arc<crate::store::KnownItems>,
+    pub known_items: crate::store::KnownItems,
     /// The served model, the catalogue filters, cached user states.
     pub serving: Arc<crate::recommend::Serving>,
-    pub trainer: Arc<crate::trainer::Trainer>,
-    keys: Arc<auth::Keys>,
+    pub trainer: crate::trainer::Trainer,
+    keys: auth::Keys,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 impl AppState {
     pub fn new(store: Store, settings: Settings) -> Self {
-        AppState {
-            keys: Arc::new(auth::Keys::new(&settings.api_keys)),
+        AppState(Arc::new(Shared {
+            keys: auth::Keys::new(&settings.api_keys),
             store,
             serving: Arc::new(crate::recommend::Serving::new(settings.train.max_len, settings.ann)),
-            trainer: Arc::default(),
-            settings: Arc::new(settings),
+            trainer: crate::trainer::Trainer::default(),
+            settings,
             metrics: crate::telemetry::metrics_handle(),
-            known_items: Arc::default(),
-        }
+            known_items: crate::store::KnownItems::default(),
+        }))
     }
 }
 
