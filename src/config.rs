@@ -57,6 +57,9 @@ pub struct Settings {
     /// long; click-through figures cover this window.
     #[serde(deserialize_with = "duration")]
     pub impressions_retention: Duration,
+    /// After each new model, the states of up to this many of the most
+    /// recently active users are made ahead of their next request; `0`: none.
+    pub warm_users: usize,
     /// The model's training settings (`[train]`; `RECD_TRAIN__DIM=32` and so on).
     #[serde(default)]
     pub train: crate::model::TrainConfig,

@@ -125,8 +125,7 @@ pub async fn load_latest(state: &AppState) -> anyhow::Result<()> {
     let snapshot = tokio::task::spawn_blocking(move || ModelSnapshot::from_bytes(&bytes)).await??;
     // Another replica may have published a newer one meanwhile; the next
     // look picks it up.
-    record_model_metrics(&snapshot);
-    state.serving.publish(snapshot);
+    serve(state, snapshot);
     metrics::counter!("recd_snapshot_loads_total").increment(1);
     Ok(())
 }
@@ -481,11 +480,37 @@ async fn train_and_gate(state: &AppState) -> anyhow::Result<Outcome> {
                     crate::server::SNAPSHOTS_KEPT,
                 )
                 .await?;
-            record_model_metrics(&snapshot);
-            state.serving.publish(snapshot);
+            serve(state, snapshot);
             Ok(Outcome::Published { version, why })
         }
     }
+}
+
+/// Serves `snapshot` from now on, and warms the states of the most
+/// recently active users for it in the background.
+fn serve(state: &AppState, snapshot: ModelSnapshot) {
+    record_model_metrics(&snapshot);
+    state.serving.publish(snapshot);
+    let Some(model) = state.serving.model() else {
+        return;
+    };
+    let state = state.clone();
+    tokio::spawn(async move {
+        let info = state
+            .serving
+            .warm(&state.store, &model, state.settings.warm_users)
+            .await;
+        metrics::gauge!("recd_warmed_users").set(info.users as f64);
+        match info.error {
+            None => tracing::info!(
+                version = info.version,
+                users = info.users,
+                seconds = info.seconds,
+                "user states warmed"
+            ),
+            Some(error) => tracing::warn!(version = info.version, error, "warming user states failed"),
+        }
+    });
 }
 
 /// The model's held-out figures as gauges.

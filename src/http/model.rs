@@ -73,6 +73,7 @@ async fn show(State(state): State<AppState>) -> ApiResult<Json<Value>> {
             "item_knn": metric("item_knn"),
         })),
         "index": state.serving.index_info(),
+        "warm": state.serving.warm_info(),
         "online": online_json(&online),
         "last_training": runs.first().map(training_json),
         "history": runs.iter().map(training_json).collect::<Vec<_>>(),

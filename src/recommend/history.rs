@@ -18,7 +18,7 @@ pub const FOLLOW_EVERY: Duration = Duration::from_millis(250);
 /// seen are looked at again.
 const SLACK: i64 = 2_000;
 /// Events kept over all users (an entry weighs its event count, at least 1).
-const CAPACITY_EVENTS: u64 = 2_000_000;
+pub const CAPACITY_EVENTS: u64 = 2_000_000;
 
 #[derive(Clone)]
 struct ByEvents;

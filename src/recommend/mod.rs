@@ -10,10 +10,11 @@
 mod catalogue;
 mod history;
 mod popular;
+mod warm;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwapOption;
@@ -22,6 +23,7 @@ use serde::Serialize;
 pub use catalogue::Catalogue;
 pub use history::{Histories, FOLLOW_EVERY};
 pub use popular::PopularCache;
+pub use warm::WarmInfo;
 
 use crate::ingest::EventType;
 use crate::model::ann::{AnnIndex, AnnSettings, Vectors};
@@ -97,6 +99,30 @@ struct CachedState {
     ranked: Option<(RankingKey, Vec<(u32, f32)>)>,
 }
 
+impl CachedState {
+    /// The state `model` reaches after `events` (newest first), with no
+    /// ranking yet.
+    fn new(model: &ModelSnapshot, events: &[UserEvent], state: Option<UserState>) -> Self {
+        CachedState {
+            version: Arc::from(model.meta.version.as_str()),
+            newest_seq: newest_seq(events),
+            events: events.len(),
+            state,
+            ranked: None,
+        }
+    }
+
+    /// Whether this was made by `model` from exactly these events.
+    fn fits(&self, model: &ModelSnapshot, events: &[UserEvent]) -> bool {
+        *self.version == *model.meta.version && self.newest_seq == newest_seq(events) && self.events == events.len()
+    }
+}
+
+/// The arrival number of the newest of these events (newest first).
+fn newest_seq(events: &[UserEvent]) -> i64 {
+    events.first().map_or(0, |e| e.seq)
+}
+
 /// What besides the user's events and the model decides a ranking.
 #[derive(Debug, Clone, PartialEq)]
 struct RankingKey {
@@ -140,6 +166,10 @@ pub struct Serving {
     ann: Arc<ArcSwapOption<ReadyIndex>>,
     /// What became of the newest index build.
     ann_state: Arc<Mutex<AnnState>>,
+    /// What became of the newest warming of user states.
+    warm: Mutex<WarmInfo>,
+    /// Users forgotten so far (erasure).
+    erasures: AtomicU64,
 }
 
 /// An index and the model version it indexes.
@@ -193,6 +223,8 @@ impl Serving {
             histories: Histories::default(),
             states: quick_cache::sync::Cache::new(STATE_CACHE_USERS),
             impressions: Mutex::new(Vec::new()),
+            warm: Mutex::default(),
+            erasures: AtomicU64::new(0),
         }
     }
 }
@@ -323,6 +355,7 @@ impl Serving {
 
     /// Forgets what is cached of a user (erasure).
     pub fn forget_user(&self, user_id: &str) {
+        self.erasures.fetch_add(1, Ordering::SeqCst);
         self.histories.invalidate([user_id]);
         self.states.remove(user_id);
     }
@@ -368,11 +401,7 @@ impl Serving {
         // The same user, events, model, catalogue and question as last time:
         // the same ranking, with no scoring.
         let key = RankingKey::of(request, self.catalogue.generation());
-        let newest_seq = events.first().map_or(0, |e| e.seq);
-        let cached = self
-            .states
-            .get(user_id)
-            .filter(|c| *c.version == *model.meta.version && c.newest_seq == newest_seq && c.events == events.len());
+        let cached = self.states.get(user_id).filter(|c| c.fits(model, events));
         let repeated = cached
             .as_ref()
             .and_then(|c| c.ranked.as_ref().filter(|(k, _)| *k == key))
@@ -392,8 +421,14 @@ impl Serving {
             Some(best) => best,
             None => {
                 let state = match cached {
-                    Some(c) => c.state,
-                    None => model.user_state(history, history.len()),
+                    Some(c) => {
+                        metrics::counter!("recd_user_states_total", "from" => "cache").increment(1);
+                        c.state
+                    }
+                    None => {
+                        metrics::counter!("recd_user_states_total", "from" => "events").increment(1);
+                        model.user_state(history, history.len())
+                    }
                 };
                 let excluded_index: HashSet<u32> = excluded_ids(events, request)
                     .into_iter()
@@ -433,11 +468,8 @@ impl Serving {
                 self.states.insert(
                     user_id.to_owned(),
                     CachedState {
-                        version: Arc::from(model.meta.version.as_str()),
-                        newest_seq,
-                        events: events.len(),
-                        state,
                         ranked: Some((key, best.clone())),
+                        ..CachedState::new(model, events, state)
                     },
                 );
                 best

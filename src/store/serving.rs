@@ -91,6 +91,17 @@ impl Store {
             .collect())
     }
 
+    /// Up to `limit` users, the most recently active first (by their newest
+    /// event's timestamp).
+    pub async fn recently_active_users(&self, limit: i64) -> Result<Vec<String>> {
+        const SELECT: &str = "SELECT user_id FROM events GROUP BY user_id ORDER BY MAX(ts) DESC, user_id LIMIT $1";
+        let users = on_pool!(self, pool => sqlx::query_scalar::<_, String>(SELECT)
+            .bind(limit)
+            .fetch_all(pool)
+            .await?);
+        Ok(users)
+    }
+
     /// Items written at or after `since_ms` (catalogue writes and items first
     /// named by events), oldest change first; with `flagged_only`, only those
     /// unavailable, deleted or in a category (what a first load needs).

@@ -350,6 +350,68 @@ async fn erasure_reaches_recommendations(app: TestApp) {
     );
 }
 
+mod warming {
+    //! After a model is served, the recently active users' states are made
+    //! ahead of their requests; answers from them are those made from the
+    //! events at request time.
+
+    use super::*;
+
+    /// Fast training, and histories longer than the model reads.
+    fn short(s: &mut Settings) {
+        fast(s);
+        s.train.max_len = 4;
+    }
+
+    async fn answers(app: &TestApp, version: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        for user in (0..40).map(|u| format!("user-{u}")) {
+            for query in ["n=10", "n=5&exclude=none&explain=true"] {
+                let reply = recommend(app, &user, query).await;
+                assert_eq!(reply["model_version"], version, "{user}?{query}: {reply}");
+                out.push(json!([user, query, reply["strategy"], reply["items"]]));
+            }
+        }
+        out
+    }
+
+    async fn warmed_states_answer_as_fresh_ones(app: TestApp) {
+        let shop = seed_shop(&app, 150).await;
+        let version = published(&app).await;
+        let mut warm = Value::Null;
+        for _ in 0..400 {
+            warm = model(&app).await["warm"].clone();
+            if warm["state"] == "done" && warm["version"] == version.as_str() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(warm["state"], "done", "{warm}");
+        assert_eq!(warm["version"], version.as_str(), "{warm}");
+        let users: HashSet<&str> = shop.events.iter().map(|e| e.user_id.as_str()).collect();
+        assert_eq!(warm["users"], users.len(), "every user's items are known: {warm}");
+        let warmed = answers(&app, &version).await;
+        let personalized = warmed.iter().filter(|a| a[2] == "personalized").count();
+        assert_eq!(personalized, warmed.len());
+
+        // The same store and snapshot served without warming: every state
+        // is made from the events at request time.
+        let url = app.database_url.clone();
+        let dir = app.stop_keeping_files().await;
+        let mut cold = test_settings(&url);
+        short(&mut cold);
+        cold.warm_users = 0;
+        let app = start(cold, dir).await;
+        assert_eq!(model(&app).await["warm"]["state"], "off");
+        let fresh = answers(&app, &version).await;
+        for (w, f) in warmed.iter().zip(&fresh) {
+            assert_eq!(w, f, "from a warmed state, then from the events");
+        }
+    }
+
+    crate::both_stores!(with super::short; warmed_states_answer_as_fresh_ones);
+}
+
 crate::both_stores!(with crate::serving::fast;
     a_new_event_changes_the_next_answer,
     cold_start_and_filters_hold,
