@@ -24,12 +24,19 @@
 //!
 //! For each, 64 keep-alive connections (one tokio task each, requests back to
 //! back, closed loop) load `GET /healthz`, then `GET
-//! /v1/users/{id}/recommendations?n=10` for random known users, then
-//! `/healthz` again, each for `--seconds` after a `--warmup`. Per phase:
+//! /v1/users/{id}/recommendations?n=10` for random known users, then the
+//! same with a new `exclude_items` each time (an id that exists nowhere, so
+//! the answer is the same but no request repeats an earlier question and
+//! every answer is a ranking made for it), then `/healthz` again, each for
+//! `--seconds` after a `--warmup`. The server is loaded only once its
+//! nearest-neighbour index (large catalogues) is built and its recently
+//! active users' states are warmed. Per phase:
 //! requests/s, latency percentiles measured at the client, non-2xx answers
 //! and transport errors (printed, never hidden), the share of personalized
 //! answers, the CPU the server and the driver used, and the server's RSS
-//! (`VmRSS`, and the peak `VmHWM`) from /proc. Ends with a Markdown table.
+//! (`VmRSS`, and the peak `VmHWM`) from /proc, and for recommendations how
+//! many rankings were made from a cached or warmed user state and how many
+//! ran the network over the user's events. Ends with a Markdown table.
 //!
 //!     export CARGO_TARGET_DIR=/work/main/target   # or leave unset
 //!     cargo build --release
@@ -119,8 +126,9 @@ struct Args {
     /// Concurrent keep-alive connections.
     #[arg(long, default_value_t = 64)]
     connections: usize,
-    /// Phases in order: `healthz`, `recs`.
-    #[arg(long, value_delimiter = ',', default_value = "healthz,recs,healthz")]
+    /// Phases in order: `healthz`, `recs`, `fresh` (recommendations with no
+    /// ranking repeated).
+    #[arg(long, value_delimiter = ',', default_value = "healthz,recs,fresh,healthz")]
     phases: Vec<Route>,
     /// Recommendations asked for per request.
     #[arg(long, default_value_t = 10)]
@@ -189,14 +197,25 @@ enum Which {
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 enum Route {
     Healthz,
+    /// Recommendations; a user asked for again with no new event gets the
+    /// ranking made last time.
     Recs,
+    /// Recommendations, each asking what was not asked before
+    /// (`exclude_items` names an item id that exists nowhere), so every
+    /// answer is a ranking made for it.
+    Fresh,
 }
 
 impl Route {
+    fn is_recs(self) -> bool {
+        matches!(self, Route::Recs | Route::Fresh)
+    }
+
     fn label(self) -> &'static str {
         match self {
             Route::Healthz => "GET /healthz",
             Route::Recs => "GET /v1/users/{id}/recommendations",
+            Route::Fresh => "GET /v1/users/{id}/recommendations, no ranking repeated",
         }
     }
 }
@@ -672,7 +691,7 @@ async fn bench_scenario(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow
         mb(hwm)
     );
     wait_for_index(&mut server, addr, Duration::from_secs(args.index_timeout)).await?;
-    if args.phases.contains(&Route::Recs) {
+    if args.phases.iter().any(|r| r.is_recs()) {
         sample_recommendation(addr, &prepared.users[0], args.n).await;
     }
 
@@ -681,6 +700,7 @@ async fn bench_scenario(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow
         warn_if_compiling();
         let server_cpu = cpu_seconds(server.pid())?;
         let own_cpu = cpu_seconds(std::process::id())?;
+        let states_before = user_states(addr).await?;
         let began = Instant::now();
         let stats = run_phase(addr, route, prepared.users.clone(), args).await?;
         let wall = began.elapsed().as_secs_f64();
@@ -694,6 +714,18 @@ async fn bench_scenario(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow
         }
         let (rss, hwm) = rss_kb(server.pid())?;
         print_phase(&prepared.name, route, &stats, server_cores, own_cores, rss, hwm);
+        if route.is_recs() {
+            let (cached, computed) = user_states(addr).await?;
+            let (cached, computed) = (cached - states_before.0, computed - states_before.1);
+            let made = (cached + computed).max(1) as f64;
+            println!(
+                "    rankings made (warm-up included): {} from a cached or warmed state ({:.1}%), {} from the events ({:.1}%); the other answers repeated a ranking",
+                thousands(cached as f64),
+                100.0 * cached as f64 / made,
+                thousands(computed as f64),
+                100.0 * computed as f64 / made
+            );
+        }
         rows.push(Row {
             scenario: prepared.name.clone(),
             route,
@@ -746,7 +778,8 @@ async fn wait_healthy(server: &mut Server, addr: SocketAddr, timeout: Duration) 
 }
 
 /// Waits while the served model's nearest-neighbour index is building
-/// (large catalogues): the load measures the service as it runs afterwards.
+/// (large catalogues) and while the recently active users' states are made:
+/// the load measures the service as it runs afterwards.
 async fn wait_for_index(server: &mut Server, addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let url = format!("http://{addr}/v1/model");
@@ -756,20 +789,35 @@ async fn wait_for_index(server: &mut Server, addr: SocketAddr, timeout: Duration
             bail!("recd serve exited ({status}); its log ends:\n{}", server.log_tail());
         }
         let body: serde_json::Value = client.get(&url).send().await?.json().await?;
-        let index = &body["index"];
-        if index["state"] != "building" {
+        let (index, warm) = (&body["index"], &body["warm"]);
+        if index["state"] != "building" && warm["state"] != "warming" {
             println!(
-                "ranking: {} (waited {:.0} s)",
+                "ranking: {}; user states: {} (waited {:.0} s)",
                 serde_json::to_string(index)?,
+                serde_json::to_string(warm)?,
                 started.elapsed().as_secs_f64()
             );
             return Ok(());
         }
         if started.elapsed() > timeout {
-            bail!("the index was still building after {timeout:?}");
+            bail!("the index was still building or the states warming after {timeout:?}: {body}");
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// The server's `recd_user_states_total`: rankings made from a cached (or
+/// warmed) user state, and from the user's events.
+async fn user_states(addr: SocketAddr) -> anyhow::Result<(u64, u64)> {
+    let text = reqwest::get(format!("http://{addr}/metrics")).await?.text().await?;
+    let count = |from: &str| {
+        let prefix = format!("recd_user_states_total{{from=\"{from}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    };
+    Ok((count("cache"), count("events")))
 }
 
 /// Shows one answer as it comes, so a changed shape is seen at once.
@@ -896,6 +944,7 @@ async fn connection(
     let host = addr.to_string();
     let mut sender: Option<Sender> = None;
     let mut sent = 0u64;
+    let mut asked = 0u64;
     while Instant::now() < end {
         let mut conn = match sender.take() {
             Some(s) => s,
@@ -912,7 +961,9 @@ async fn connection(
         let path = match route {
             Route::Healthz => "/healthz".to_owned(),
             Route::Recs => recs_path(user, n),
+            Route::Fresh => format!("{}&exclude_items=nowhere-{seed}-{asked}", recs_path(user, n)),
         };
+        asked += 1;
         let request = hyper::Request::get(path.as_str())
             .header(hyper::header::HOST, host.as_str())
             .body(Empty::<Bytes>::new())
@@ -947,7 +998,7 @@ async fn connection(
                     continue;
                 }
                 stats.ok += 1;
-                if route == Route::Recs {
+                if route.is_recs() {
                     let strategy = strategy_of(&body).unwrap_or("(none)");
                     match stats.strategies.get_mut(strategy) {
                         Some(count) => *count += 1,
@@ -1044,7 +1095,7 @@ fn print_phase(scenario: &str, route: Route, s: &PhaseStats, server_cores: f64, 
         mb(rss),
         mb(hwm)
     );
-    if route == Route::Recs && s.ok > 0 {
+    if route.is_recs() && s.ok > 0 {
         let personalized = s.strategies.get("personalized").copied().unwrap_or(0);
         let by: Vec<String> = s.strategies.iter().map(|(k, v)| format!("{k} {v}")).collect();
         println!(
@@ -1082,6 +1133,7 @@ fn print_summary(rows: &[Row]) {
             match r.route {
                 Route::Healthz => "`/healthz`",
                 Route::Recs => "`/v1/users/{id}/recommendations?n=10`",
+                Route::Fresh => "`/v1/users/{id}/recommendations?n=10&exclude_items=(new)`",
             },
             thousands(s.rate()),
             s.percentile(50.0),
@@ -1103,7 +1155,7 @@ fn print_summary(rows: &[Row]) {
         else {
             continue;
         };
-        for recs in rows.iter().filter(|r| r.scenario == scenario && r.route == Route::Recs) {
+        for recs in rows.iter().filter(|r| r.scenario == scenario && r.route.is_recs()) {
             let ratio = recs.stats.rate() / health.stats.rate();
             let p99 = recs.stats.percentile(99.0);
             let p99_target = if scenario.starts_with("synthetic") { 20.0 } else { 10.0 };
@@ -1114,7 +1166,11 @@ fn print_summary(rows: &[Row]) {
                 (false, _) => "NOT met",
             };
             println!(
-                "{scenario}: recommendations at {:.1}% of the /healthz rate (target >= 20%: {}); p99 {p99:.2} ms (target < {p99_target} ms: {}); {} errors",
+                "{scenario}, {}: at {:.1}% of the /healthz rate (target >= 20%: {}); p99 {p99:.2} ms (target < {p99_target} ms: {}); {} errors",
+                match recs.route {
+                    Route::Fresh => "recommendations with no ranking repeated",
+                    _ => "recommendations",
+                },
                 100.0 * ratio,
                 verdict(ratio >= 0.2),
                 verdict(p99 < p99_target),
