@@ -116,6 +116,31 @@ impl CachedState {
     fn fits(&self, model: &ModelSnapshot, events: &[UserEvent]) -> bool {
         *self.version == *model.meta.version && self.newest_seq == newest_seq(events) && self.events == events.len()
     }
+
+    /// This state advanced by the user's events that arrived after it, one
+    /// LSTM step each, when that is exactly the state of the newest
+    /// `max_len` known events: the events it was made from are all still
+    /// there, every new one is newer than them, and the window has room
+    /// for the new steps (else it slides, and the state is made anew).
+    fn advanced(&self, model: &ModelSnapshot, events: &[UserEvent], max_len: usize) -> Option<UserState> {
+        let (weights, state) = (model.weights.as_ref()?, self.state.as_ref()?);
+        if *self.version != *model.meta.version {
+            return None;
+        }
+        let newer = events.iter().position(|e| e.seq == self.newest_seq)?;
+        if events.len() - newer != self.events || events[..newer].iter().any(|e| e.seq < self.newest_seq) {
+            return None;
+        }
+        let steps = history_of(model, &events[..newer]);
+        if !steps.is_empty() && state.steps as usize + steps.len() > max_len {
+            return None;
+        }
+        let mut state = state.clone();
+        for &step in &steps {
+            weights.advance(&mut state, step);
+        }
+        Some(state)
+    }
 }
 
 /// The arrival number of the newest of these events (newest first).
@@ -401,9 +426,9 @@ impl Serving {
         // The same user, events, model, catalogue and question as last time:
         // the same ranking, with no scoring.
         let key = RankingKey::of(request, self.catalogue.generation());
-        let cached = self.states.get(user_id).filter(|c| c.fits(model, events));
+        let entry = self.states.get(user_id);
+        let cached = entry.as_ref().filter(|c| c.fits(model, events));
         let repeated = cached
-            .as_ref()
             .and_then(|c| c.ranked.as_ref().filter(|(k, _)| *k == key))
             .map(|(_, best)| best.clone());
         // A repeated ranking was made from a history the model could read,
@@ -420,16 +445,15 @@ impl Serving {
         let best = match repeated {
             Some(best) => best,
             None => {
-                let state = match cached {
-                    Some(c) => {
-                        metrics::counter!("recd_user_states_total", "from" => "cache").increment(1);
-                        c.state
-                    }
-                    None => {
-                        metrics::counter!("recd_user_states_total", "from" => "events").increment(1);
-                        model.user_state(history, history.len())
-                    }
+                let advanced = || entry.as_ref()?.advanced(model, events, self.max_len);
+                let (state, from) = match cached {
+                    Some(c) => (c.state.clone(), "cache"),
+                    None => match advanced() {
+                        Some(state) => (Some(state), "advanced"),
+                        None => (model.user_state(history, history.len()), "events"),
+                    },
                 };
+                metrics::counter!("recd_user_states_total", "from" => from).increment(1);
                 let excluded_index: HashSet<u32> = excluded_ids(events, request)
                     .into_iter()
                     .filter_map(|id| model.item_index(id))

@@ -410,6 +410,58 @@ mod warming {
     }
 
     crate::both_stores!(with super::short; warmed_states_answer_as_fresh_ones);
+
+    /// A cached state advanced by a user's new events, one step each,
+    /// answers as the state made from all the events does.
+    async fn advanced_states_answer_as_fresh_ones(app: TestApp) {
+        let shop = seed_shop(&app, 150).await;
+        let version = published(&app).await;
+        let users: Vec<String> = (0..40).map(|u| format!("user-{u}")).collect();
+        for user in &users {
+            recommend(&app, user, "n=10").await;
+        }
+        // One or two new views each, of items the user has not seen.
+        for (u, user) in users.iter().enumerate() {
+            let seen: HashSet<&str> = shop
+                .events
+                .iter()
+                .filter(|e| e.user_id == *user)
+                .map(|e| e.item_id.as_str())
+                .collect();
+            let unseen: Vec<&str> = shop
+                .items
+                .iter()
+                .map(|i| i.item_id.as_str())
+                .filter(|i| !seen.contains(i))
+                .skip(u)
+                .take(1 + u % 2)
+                .collect();
+            for item in unseen {
+                view(&app, user, item).await;
+            }
+        }
+        let advanced = answers(&app, &version).await;
+
+        let url = app.database_url.clone();
+        let dir = app.stop_keeping_files().await;
+        let mut cold = test_settings(&url);
+        fast(&mut cold);
+        cold.warm_users = 0;
+        let app = start(cold, dir).await;
+        let fresh = answers(&app, &version).await;
+        for (a, f) in advanced.iter().zip(&fresh) {
+            assert_eq!(
+                a, f,
+                "from a state advanced by the new events, then from all the events"
+            );
+        }
+    }
+
+    mod longer {
+        crate::both_stores!(with crate::serving::fast; advanced_states_answer_as_fresh_ones);
+
+        use super::advanced_states_answer_as_fresh_ones;
+    }
 }
 
 crate::both_stores!(with crate::serving::fast;
