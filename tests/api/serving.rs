@@ -113,6 +113,16 @@ async fn published(app: &TestApp) -> String {
     version
 }
 
+/// Stops `app` and starts another server on the same store, with the
+/// test's default settings changed by `adjust`.
+async fn restart_with(app: TestApp, adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    let url = app.database_url.clone();
+    let dir = app.stop_keeping_files().await;
+    let mut settings = test_settings(&url);
+    adjust(&mut settings);
+    start(settings, dir).await
+}
+
 async fn view(app: &TestApp, user: &str, item: &str) {
     let reply: Value = app
         .post(
@@ -396,12 +406,11 @@ mod warming {
 
         // The same store and snapshot served without warming: every state
         // is made from the events at request time.
-        let url = app.database_url.clone();
-        let dir = app.stop_keeping_files().await;
-        let mut cold = test_settings(&url);
-        short(&mut cold);
-        cold.warm_users = 0;
-        let app = start(cold, dir).await;
+        let app = restart_with(app, |s| {
+            short(s);
+            s.warm_users = 0;
+        })
+        .await;
         assert_eq!(model(&app).await["warm"]["state"], "off");
         let fresh = answers(&app, &version).await;
         for (w, f) in warmed.iter().zip(&fresh) {
@@ -442,12 +451,11 @@ mod warming {
         }
         let advanced = answers(&app, &version).await;
 
-        let url = app.database_url.clone();
-        let dir = app.stop_keeping_files().await;
-        let mut cold = test_settings(&url);
-        fast(&mut cold);
-        cold.warm_users = 0;
-        let app = start(cold, dir).await;
+        let app = restart_with(app, |s| {
+            fast(s);
+            s.warm_users = 0;
+        })
+        .await;
         let fresh = answers(&app, &version).await;
         for (a, f) in advanced.iter().zip(&fresh) {
             assert_eq!(
@@ -482,15 +490,14 @@ mod lifecycle {
         };
         seed_shop(&app, 200).await;
         let v1 = published(&app).await;
-        let url = app.database_url.clone();
-        let dir = app.stop_keeping_files().await;
 
         // A restart serves the stored snapshot at once; a training that
         // fails (an invalid setting) keeps it.
-        let mut broken = test_settings(&url);
-        fast(&mut broken);
-        broken.train.dim = 0;
-        let app = start(broken, dir).await;
+        let app = restart_with(app, |s| {
+            fast(s);
+            s.train.dim = 0;
+        })
+        .await;
         let served = model(&app).await;
         assert_eq!(served["version"], v1.as_str(), "served at once after a restart");
         assert_eq!(recommend(&app, "user-1", "").await["model_version"], v1.as_str());
@@ -501,13 +508,13 @@ mod lifecycle {
             "{failed}"
         );
         assert_eq!(failed["version"], v1.as_str());
-        let dir = app.stop_keeping_files().await;
 
         // A candidate that cannot pass the gate is rejected.
-        let mut strict = test_settings(&url);
-        fast(&mut strict);
-        strict.gate_margin = 1.0;
-        let app = start(strict, dir).await;
+        let app = restart_with(app, |s| {
+            fast(s);
+            s.gate_margin = 1.0;
+        })
+        .await;
         let rejected = train_now(&app).await;
         assert_eq!(rejected["last_training"]["outcome"], "rejected", "{rejected}");
         // No events newer than v1's data: judged against the baselines.
@@ -518,13 +525,15 @@ mod lifecycle {
         );
         assert_eq!(rejected["version"], v1.as_str());
         assert!(rejected["history"].as_array().unwrap().len() >= 3);
-        let dir = app.stop_keeping_files().await;
 
         // A swap while requests run: every answer names one version.
-        let mut lenient = test_settings(&url);
-        fast(&mut lenient);
-        lenient.gate_margin = -1.0;
-        let app = std::sync::Arc::new(start(lenient, dir).await);
+        let app = std::sync::Arc::new(
+            restart_with(app, |s| {
+                fast(s);
+                s.gate_margin = -1.0;
+            })
+            .await,
+        );
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut readers = Vec::new();
         for r in 0..4 {
@@ -635,12 +644,11 @@ mod approximate {
         let books = approximate.iter().find(|a| a[1] == "n=50&category=books").unwrap();
         assert!(!books[3].as_array().unwrap().is_empty(), "{books}");
 
-        let url = app.database_url.clone();
-        let dir = app.stop_keeping_files().await;
-        let mut exact = test_settings(&url);
-        fast(&mut exact);
-        exact.ann.min_items = 0;
-        let app = start(exact, dir).await;
+        let app = restart_with(app, |s| {
+            fast(s);
+            s.ann.min_items = 0;
+        })
+        .await;
         assert_eq!(model(&app).await["index"], json!({"kind": "exact"}));
         let exact = answers(&app, &version).await;
         for (a, e) in approximate.iter().zip(&exact) {
