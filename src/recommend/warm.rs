@@ -112,8 +112,7 @@ impl Serving {
             if history.is_empty() {
                 continue;
             }
-            let history = &history[history.len().saturating_sub(self.max_len)..];
-            let state = model.user_state(history, history.len());
+            let state = model.user_state(&history, self.max_len);
             self.states
                 .insert(user.clone(), CachedState::new(model, &events, state));
             // Erasure counts itself, then drops the state: after an erasure
