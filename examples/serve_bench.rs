@@ -715,15 +715,17 @@ async fn bench_scenario(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow
         let (rss, hwm) = rss_kb(server.pid())?;
         print_phase(&prepared.name, route, &stats, server_cores, own_cores, rss, hwm);
         if route.is_recs() {
-            let (cached, computed) = user_states(addr).await?;
-            let (cached, computed) = (cached - states_before.0, computed - states_before.1);
-            let made = (cached + computed).max(1) as f64;
+            let after = user_states(addr).await?;
+            let made: Vec<u64> = after.iter().zip(&states_before).map(|(a, b)| a - b).collect();
+            let total = made.iter().sum::<u64>().max(1) as f64;
+            let parts: Vec<String> = STATE_SOURCES
+                .iter()
+                .zip(&made)
+                .map(|(from, n)| format!("{} {from} ({:.1}%)", thousands(*n as f64), 100.0 * *n as f64 / total))
+                .collect();
             println!(
-                "    rankings made (warm-up included): {} from a cached or warmed state ({:.1}%), {} from the events ({:.1}%); the other answers repeated a ranking",
-                thousands(cached as f64),
-                100.0 * cached as f64 / made,
-                thousands(computed as f64),
-                100.0 * computed as f64 / made
+                "    rankings made (warm-up included), by where the user's state came from: {}; the other answers repeated a ranking",
+                parts.join(", ")
             );
         }
         rows.push(Row {
@@ -806,9 +808,13 @@ async fn wait_for_index(server: &mut Server, addr: SocketAddr, timeout: Duration
     }
 }
 
-/// The server's `recd_user_states_total`: rankings made from a cached (or
-/// warmed) user state, and from the user's events.
-async fn user_states(addr: SocketAddr) -> anyhow::Result<(u64, u64)> {
+/// Where a ranking's user state came from, as `recd_user_states_total`
+/// labels it: cached (or warmed), a cached one advanced by new events, or
+/// made from the user's events.
+const STATE_SOURCES: [&str; 3] = ["cache", "advanced", "events"];
+
+/// The server's `recd_user_states_total` for each of `STATE_SOURCES`.
+async fn user_states(addr: SocketAddr) -> anyhow::Result<Vec<u64>> {
     let text = reqwest::get(format!("http://{addr}/metrics")).await?.text().await?;
     let count = |from: &str| {
         let prefix = format!("recd_user_states_total{{from=\"{from}\"}} ");
@@ -817,7 +823,7 @@ async fn user_states(addr: SocketAddr) -> anyhow::Result<(u64, u64)> {
             .and_then(|v| v.trim().parse::<f64>().ok())
             .map_or(0, |v| v as u64)
     };
-    Ok((count("cache"), count("events")))
+    Ok(STATE_SOURCES.iter().map(|from| count(from)).collect())
 }
 
 /// Shows one answer as it comes, so a changed shape is seen at once.
