@@ -5,8 +5,9 @@
 //! Two scenarios, each with its own `recd serve` child process on a copy of
 //! a cached SQLite store:
 //!
-//! - `beauty`: the events of `../shared/data/amazon-beauty` (22k users, 12k
-//!   items) imported with `recd import` and a model trained with `recd train`
+//! - `beauty`: the events of `amazon-beauty/events.csv` in the `--data`
+//!   folder (22k users, 12k items; the scenario needs `--data DIR`)
+//!   imported with `recd import` and a model trained with `recd train`
 //!   (training capped at 60 s: a shorter training makes a less accurate model
 //!   of the same shape, so serving costs the same);
 //! - `synthetic`: a catalogue of `--items` (default 1,000,000) items with a
@@ -40,7 +41,8 @@
 //!
 //!     export CARGO_TARGET_DIR=/work/main/target   # or leave unset
 //!     cargo build --release
-//!     cargo run --release --example serve_bench -- [--scenario beauty|synthetic|both] [--seconds 10]
+//!     cargo run --release --example serve_bench -- --data DIR [--scenario beauty|synthetic|both] [--seconds 10]
+//!     cargo run --release --example serve_bench -- --scenario synthetic [--items 100000]
 //!
 //! The prepared stores are cached under `$CARGO_TARGET_DIR/serve-bench`
 //! (or `target/serve-bench`); `--fresh` rebuilds them. Run it on an otherwise
@@ -60,7 +62,7 @@ mod server;
 
 use std::path::PathBuf;
 
-use anyhow::ensure;
+use anyhow::{ensure, Context};
 use clap::{Parser, ValueEnum};
 
 use data::{prepare_beauty, prepare_synthetic};
@@ -110,7 +112,8 @@ pub struct Args {
     /// The release binary [default: $CARGO_TARGET_DIR/release/recd].
     #[arg(long)]
     pub recd: Option<PathBuf>,
-    /// The evaluation data folder [default: ../shared/data beside the repo].
+    /// The evaluation data folder, holding amazon-beauty/events.csv; the
+    /// beauty scenario (and `both`) needs it.
     #[arg(long)]
     pub data: Option<PathBuf>,
     /// Where prepared stores are kept between runs [default: $CARGO_TARGET_DIR/serve-bench].
@@ -156,6 +159,14 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // The beauty scenario's events come from --data; the synthetic one needs none.
+    let data = match args.scenario {
+        Which::Synthetic => None,
+        Which::Beauty | Which::Both => Some(args.data.clone().context(
+            "the beauty scenario needs its data: pass --data DIR, the folder holding amazon-beauty/events.csv \
+             (or run --scenario synthetic, which needs none)",
+        )?),
+    };
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo.join("target"), PathBuf::from);
     let recd = args.recd.clone().unwrap_or_else(|| target.join("release/recd"));
@@ -165,7 +176,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         recd.display()
     );
     warn_if_stale(&recd, &repo);
-    let data = args.data.clone().unwrap_or_else(|| repo.join("../shared/data"));
     let cache = args.cache.clone().unwrap_or_else(|| target.join("serve-bench"));
     std::fs::create_dir_all(&cache)?;
 
@@ -178,8 +188,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     let mut rows = Vec::new();
-    if matches!(args.scenario, Which::Beauty | Which::Both) {
-        let prepared = prepare_beauty(&args, &recd, &data, &cache)?;
+    if let Some(data) = &data {
+        let prepared = prepare_beauty(&args, &recd, data, &cache)?;
         rows.extend(bench_scenario(&args, &recd, &prepared).await?);
     }
     if matches!(args.scenario, Which::Synthetic | Which::Both) {
