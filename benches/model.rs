@@ -96,9 +96,9 @@ fn scoring(c: &mut Criterion) {
         events: 0,
         users: 0,
         items: ITEMS as u64,
-        metrics: serde_json::Value::Null,
+        metrics: Default::default(),
         knn_weight: 0.0,
-        kind: "network".into(),
+        kind: recd::model::snapshot::SnapshotKind::Network,
         last_seq: 0,
     };
     let ids = (0..ITEMS).map(|i| format!("i{i}")).collect();

@@ -12,8 +12,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
+use recd::app::App;
 use recd::config::Settings;
-use recd::http::AppState;
 use recd::store::{Store, StoreOptions};
 use serde_json::{json, Value};
 
@@ -41,7 +41,7 @@ fn bodies(events: usize, run: &str) -> Vec<String> {
         .map(|(i, e)| {
             json!({"event_id": format!("{run}-{i}"), "user_id": e.user_id, "item_id": e.item_id,
                    "type": e.kind, "value": e.value, "session_id": e.session_id,
-                   "timestamp": recd::ingest::format_timestamp(e.ts)})
+                   "timestamp": recd::clock::format_timestamp(e.ts)})
         })
         .collect();
     rows.chunks(BATCH).map(|c| json!({"events": c}).to_string()).collect()
@@ -57,7 +57,8 @@ async fn recd_ingest(url: &str, bodies: Arc<Vec<String>>, connections: usize) ->
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     let base = format!("http://{}/v1/events", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(recd::http::serve(listener, AppState::new(store, settings), async {
+    let app = App::open(store, settings).await?;
+    let server = tokio::spawn(recd::server::serve(listener, app, async {
         let _ = stopped.await;
     }));
 

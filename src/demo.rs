@@ -7,8 +7,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map};
 
-use crate::ingest::{EventType, NewEvent};
-use crate::store::Item;
+use crate::domain::{EventType, Item, NewEvent};
 
 const CATEGORIES: [&str; 12] = [
     "shoes", "jackets", "shirts", "trousers", "bags", "hats", "watches", "skincare", "perfume", "books", "games",

@@ -15,8 +15,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::{Map, Number, Value};
 
+use crate::domain::Item;
 use crate::ingest::{check_id, derived_event_id, validate_event, FieldError};
-use crate::store::{Item, Store};
+use crate::store::Store;
 
 const BATCH: usize = 1000;
 /// Bad rows printed in full; the rest are counted.
@@ -87,7 +88,7 @@ pub async fn import_events(store: &Store, path: &Path) -> anyhow::Result<ImportR
             path.display()
         );
     }
-    let now = crate::http::now_ms();
+    let now = crate::clock::now_ms();
     let mut report = ImportReport::default();
     let mut batch = Vec::with_capacity(BATCH);
     let mut shown = 0;
@@ -141,7 +142,7 @@ pub async fn import_events(store: &Store, path: &Path) -> anyhow::Result<ImportR
 
 async fn flush(
     store: &Store,
-    batch: &mut Vec<crate::ingest::NewEvent>,
+    batch: &mut Vec<crate::domain::NewEvent>,
     report: &mut ImportReport,
     now: i64,
 ) -> anyhow::Result<()> {
@@ -159,7 +160,7 @@ pub async fn import_items(store: &Store, path: &Path) -> anyhow::Result<ImportRe
     let column = |name: &str| headers.iter().position(|h| h == name);
     let id_col = column("item_id").with_context(|| format!("{} has no item_id column", path.display()))?;
     let (title_col, category_col, categories_col) = (column("title"), column("category"), column("categories"));
-    let now = crate::http::now_ms();
+    let now = crate::clock::now_ms();
     let mut report = ImportReport::default();
     let mut batch = Vec::with_capacity(BATCH);
     let mut shown = 0;
@@ -176,7 +177,7 @@ pub async fn import_items(store: &Store, path: &Path) -> anyhow::Result<ImportRe
         };
         let get = |col: Option<usize>| col.and_then(|c| record.get(c)).filter(|s| !s.is_empty());
         let item_id = get(Some(id_col)).unwrap_or_default();
-        let categories = crate::model::data::split_categories(get(categories_col), get(category_col));
+        let categories = crate::ingest::split_categories(get(categories_col), get(category_col));
         let errors: Vec<FieldError> = std::iter::once(check_id("item_id", item_id))
             .chain(categories.iter().map(|c| check_id("categories", c)))
             .filter_map(Result::err)

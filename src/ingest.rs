@@ -9,73 +9,12 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::domain::{EventType, NewEvent};
+
 /// Events may be at most this far in the future (clock skew of collectors).
 pub const MAX_FUTURE_MS: i64 = 5 * 60 * 1000;
 /// Ids are 1 to 128 printable characters.
 pub const MAX_ID_CHARS: usize = 128;
-
-/// The event types, in the order of their stored number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventType {
-    View = 0,
-    Click = 1,
-    Like = 2,
-    AddToCart = 3,
-    RemoveFromCart = 4,
-    Purchase = 5,
-    Rating = 6,
-}
-
-impl EventType {
-    pub const ALL: [EventType; 7] = [
-        EventType::View,
-        EventType::Click,
-        EventType::Like,
-        EventType::AddToCart,
-        EventType::RemoveFromCart,
-        EventType::Purchase,
-        EventType::Rating,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            EventType::View => "view",
-            EventType::Click => "click",
-            EventType::Like => "like",
-            EventType::AddToCart => "add_to_cart",
-            EventType::RemoveFromCart => "remove_from_cart",
-            EventType::Purchase => "purchase",
-            EventType::Rating => "rating",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|t| t.name() == name)
-    }
-
-    pub fn from_code(code: i64) -> Option<Self> {
-        usize::try_from(code).ok().and_then(|i| Self::ALL.get(i).copied())
-    }
-
-    pub fn code(self) -> i16 {
-        self as i16
-    }
-}
-
-/// A validated event, ready to be stored.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewEvent {
-    pub event_id: Option<String>,
-    pub user_id: String,
-    pub item_id: String,
-    pub kind: EventType,
-    pub value: Option<f64>,
-    /// Milliseconds since the epoch, UTC.
-    pub ts: i64,
-    pub session_id: Option<String>,
-    pub recommendation_id: Option<String>,
-}
 
 /// One reason an event (or item) was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -348,11 +287,16 @@ pub fn parse_timestamp(text: &str) -> Result<i64, FieldError> {
         .map_err(|e| FieldError::new("timestamp", format!("not an RFC 3339 timestamp: {e}")))
 }
 
-/// Milliseconds since the epoch to RFC 3339 (UTC, millisecond precision).
-pub fn format_timestamp(ms: i64) -> String {
-    DateTime::<Utc>::from_timestamp_millis(ms)
-        .unwrap_or_default()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+/// An item's categories as the items CSV gives them: `categories` split by
+/// `|`, or else the single `category`.
+pub fn split_categories(categories: Option<&str>, category: Option<&str>) -> Vec<String> {
+    let mut out: Vec<String> = categories
+        .map(|c| c.split('|').filter(|c| !c.is_empty()).map(str::to_owned).collect())
+        .unwrap_or_default();
+    if out.is_empty() {
+        out.extend(category.filter(|c| !c.is_empty()).map(str::to_owned));
+    }
+    out
 }
 
 /// The id `recd import` gives a row that has none: a hash of its fields, so

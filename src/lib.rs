@@ -1,30 +1,39 @@
 //! # recd: an online recommendation service for web shops
 //!
-//! How the parts fit (see DESIGN.md for the contract):
+//! How the parts fit, from the bottom up (the docs/ folder holds the
+//! contract: the API, operations, the model, evaluation):
 //!
-//! - [`http`]: the REST API. Collectors POST events, the storefront asks
-//!   for recommendations and profiles, ops scrape `/metrics`. Every request
-//!   passes limits (body size, time, requests in flight) and an API-key check.
-//! - [`ingest`]: what an event is and the one validation that the API and
-//!   [`import`] share.
-//! - [`store`]: the only code that speaks SQL, over PostgreSQL or an embedded
-//!   SQLite file. An event is acknowledged only after its row is committed;
-//!   `event_id` makes retries idempotent.
-//! - [`config`]: layered settings with secrets that never print.
-//! - [`demo`]: a generated shop for `recd serve --demo` and the benchmarks.
+//! - [`domain`] and [`clock`]: the words every layer shares (an event, an
+//!   item, an impression, a training run) and the server's clock.
+//! - [`store`]: the only code that speaks SQL, over PostgreSQL or an
+//!   embedded SQLite file, the replicas' locks and announcements included.
+//!   An event is acknowledged only after its row is committed; `event_id`
+//!   makes retries idempotent.
+//! - [`ingest`]: the one validation of events that the API and [`import`]
+//!   share.
 //! - [`model`]: the candle sequence network, its training and evaluation,
-//!   and the snapshot served in plain Rust.
-//! - [`recommend`]: ranking at request time from the user's newest events,
-//!   filters, cold start, similar and popular items.
+//!   and the snapshot served in plain Rust. It takes the events it is given.
 //! - [`profile`]: a shopper's profile: counts, sessions, favourite
-//!   categories, RFM scores, churn risk, segment.
-//! - [`trainer`]: the background retrainer (leader lock, gate, publish) and
-//!   the pickup of new snapshots by every replica.
-//! - [`server`]: `recd serve` itself: wait for the store, load the last
-//!   snapshot, bind, serve, stop gracefully.
+//!   categories, RFM scores, churn risk, segment. Pure computation.
+//! - [`recommend`]: ranking at request time from the user's newest events:
+//!   the state cache, the index, filters, cold start, similar and popular.
+//! - [`trainer`]: the retrainer: scheduling and leadership, the training
+//!   pipeline, the gate.
+//! - [`app`]: the owner of a serving process's state and lifecycle: the
+//!   store, settings, serving state and trainer; starts the background
+//!   tasks once and stops them on shutdown.
+//! - [`http`]: the REST API over an [`app::App`]. Every request passes
+//!   limits (body size, time, requests in flight) and an API-key check.
+//! - [`server`]: `recd serve`, `train` and `eval`: open the store, build the
+//!   app, bind, serve, stop gracefully.
+//! - [`config`]: layered settings with secrets that never print;
+//!   [`telemetry`]: logs and metrics; [`demo`]: a generated shop.
 
+pub mod app;
+pub mod clock;
 pub mod config;
 pub mod demo;
+pub mod domain;
 pub mod http;
 pub mod import;
 pub mod ingest;

@@ -45,7 +45,7 @@ enum Command {
         /// events.csv: user_id,item_id,type,value,timestamp
         #[arg(long)]
         events: PathBuf,
-        /// items.csv (checked and counted; categories are not a model input).
+        /// items.csv: each item's first category is an input of the model.
         #[arg(long)]
         items: Option<PathBuf>,
         /// Print one JSON object instead of a table.

@@ -1,5 +1,6 @@
-//! `recd serve`: open the store (waiting for it), seed the demo if asked,
-//! bind, serve until SIGTERM or ctrl-c.
+//! The commands that run recd: `recd serve` (open the store, waiting for
+//! it; seed the demo if asked; open the app; bind; serve until SIGTERM or
+//! ctrl-c), `recd train` and `recd eval`.
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -8,8 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::app::App;
+use crate::clock::now_ms;
 use crate::config::Settings;
-use crate::http::{self, AppState};
 use crate::store::{Store, StoreOptions};
 
 pub fn store_options(settings: &Settings) -> StoreOptions {
@@ -54,7 +56,7 @@ pub async fn seed_demo(store: &Store) -> anyhow::Result<()> {
         tracing::info!("the store has events already; not seeding the demo");
         return Ok(());
     }
-    let now = http::now_ms();
+    let now = now_ms();
     let shop = crate::demo::generate(crate::demo::DemoSize::default(), now);
     store.put_items(&shop.items, now).await?;
     for chunk in shop.events.chunks(1000) {
@@ -75,23 +77,22 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     if demo {
         seed_demo(&store).await?;
     }
-    let state = AppState::new(store.clone(), settings);
     // The last snapshot is served from the first request on.
-    crate::trainer::prepare(&state).await?;
-    if demo && state.serving.model().is_none() {
+    let app = App::open(store.clone(), settings).await?;
+    if demo && app.serving.model().is_none() {
         // The demo answers personally within a minute, whatever the interval.
-        let _ = crate::trainer::start_training(&state).await;
+        let _ = crate::trainer::start_training(&app).await;
     }
-    let listener = tokio::net::TcpListener::bind(state.settings.listen)
+    let listener = tokio::net::TcpListener::bind(app.settings.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", state.settings.listen))?;
+        .with_context(|| format!("cannot listen on {}", app.settings.listen))?;
     tracing::info!(
         address = %listener.local_addr()?,
         store = store.kind(),
-        model = state.serving.version().as_deref().unwrap_or("none yet"),
+        model = app.serving.version().as_deref().unwrap_or("none yet"),
         "listening"
     );
-    http::serve(listener, state, http::shutdown_signal()).await?;
+    serve(listener, app, shutdown_signal()).await?;
     store.close().await;
     tracing::info!("stopped");
     Ok(())
@@ -126,34 +127,65 @@ pub fn eval(settings: &Settings, events: &Path, items: Option<&Path>, json: bool
 /// `recd train`: train once on the store's events and save the snapshot.
 pub async fn train_once(settings: &Settings) -> anyhow::Result<()> {
     let store = open_store_waiting(settings).await?;
-    let max_seq = store.max_event_seq().await?;
-    let rows = store.training_events_upto(max_seq).await?;
-    let categories = store.primary_categories().await?;
+    let input = crate::trainer::read_training_data(&store).await?;
     let config = settings.train.clone();
     let progress = std::io::stderr().is_terminal();
-    let (snapshot, report) = tokio::task::spawn_blocking(move || {
-        let mut data = crate::model::Dataset::from_events(rows);
-        data.set_categories(&categories);
-        crate::model::train_and_evaluate(&data, &config, progress)
-    })
-    .await??;
-    let mut snapshot = snapshot;
-    snapshot.meta.last_seq = max_seq;
-    let bytes = snapshot.to_bytes()?;
-    store
-        .save_snapshot(
-            &snapshot.meta.version,
-            chrono::Utc::now().timestamp_millis(),
-            &serde_json::to_string(&snapshot.meta)?,
-            &bytes,
-            SNAPSHOTS_KEPT,
-        )
-        .await?;
-    println!("{}", report.table());
-    println!("saved snapshot {} ({} bytes)", snapshot.meta.version, bytes.len());
+    let candidate =
+        tokio::task::spawn_blocking(move || crate::trainer::train_candidate(input, &config, progress)).await??;
+    let bytes = crate::trainer::save_snapshot(&store, &candidate.snapshot).await?;
+    println!("{}", candidate.report.table());
+    println!("saved snapshot {} ({bytes} bytes)", candidate.snapshot.meta.version);
     store.close().await;
     Ok(())
 }
 
-/// Snapshots kept in the store; older ones are deleted.
-pub const SNAPSHOTS_KEPT: i64 = 5;
+/// Serves the API of `app` on `listener` until `shutdown` resolves, then
+/// lets in-flight requests finish for at most `shutdown_grace`. The app's
+/// background tasks run meanwhile and are stopped after.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: App,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let grace = app.settings.shutdown_grace;
+    app.start();
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, crate::http::router(app.clone())).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = tx.send(true);
+    });
+    let deadline = async move {
+        let mut rx = rx;
+        let _ = rx.wait_for(|stopping| *stopping).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        result = server => result?,
+        () = deadline => tracing::warn!("shutdown deadline passed; dropping unfinished requests"),
+    }
+    app.stop().await;
+    Ok(())
+}
+
+/// Waits for SIGTERM or ctrl-c.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received; finishing in-flight requests");
+}

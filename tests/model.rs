@@ -55,7 +55,7 @@ fn write_events_csv(dir: &std::path::Path, rows: &[EventRow]) -> std::path::Path
     let path = dir.join("events.csv");
     let mut csv = String::from("user_id,item_id,type,value,timestamp\n");
     for row in rows {
-        let ts = recd::ingest::format_timestamp(row.timestamp_ms);
+        let ts = recd::clock::format_timestamp(row.timestamp_ms);
         csv.push_str(&format!("{},{},view,,{ts}\n", row.user_id, row.item_id));
     }
     std::fs::write(&path, csv).unwrap();
@@ -262,7 +262,7 @@ fn tiny_data_gives_an_error_or_a_popular_snapshot() {
     }]);
     let (snapshot, report) = train_and_evaluate(&one, &small_config(), false).unwrap();
     assert!(snapshot.weights.is_none());
-    assert_eq!(snapshot.meta.kind, "popular");
+    assert_eq!(snapshot.meta.kind, recd::model::snapshot::SnapshotKind::Popular);
     assert_eq!(report.data.test_users, 0);
     let mut scores = Vec::new();
     snapshot.score_user(&[], None, &mut scores);

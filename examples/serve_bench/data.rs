@@ -9,11 +9,11 @@ use std::time::Instant;
 
 use anyhow::{ensure, Context};
 use rand::{Rng, SeedableRng};
-use recd::ingest::{EventType, NewEvent};
+use recd::domain::{EventType, Item, NewEvent};
 use recd::model::data::Step;
 use recd::model::knn::Neighbours;
 use recd::model::{ModelSnapshot, SnapshotMeta};
-use recd::store::{Item, Store, StoreOptions};
+use recd::store::{Store, StoreOptions};
 
 use crate::network::{synthetic_weights, Layout};
 use crate::report::thousands;
@@ -223,9 +223,9 @@ pub async fn prepare_synthetic(args: &Args, cache: &Path) -> anyhow::Result<Prep
             events: (users * per_user) as u64,
             users: users as u64,
             items: n as u64,
-            metrics: serde_json::Value::Null,
+            metrics: Default::default(),
             knn_weight: 0.0,
-            kind: "network".to_owned(),
+            kind: recd::model::snapshot::SnapshotKind::Network,
             last_seq: store.max_event_seq().await?,
         };
         let snapshot = ModelSnapshot::new(meta, item_ids, Some(weights), popularity, neighbours);

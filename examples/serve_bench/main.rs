@@ -39,7 +39,6 @@
 //! many rankings were made from a cached or warmed user state and how many
 //! ran the network over the user's events. Ends with a Markdown table.
 //!
-//!     export CARGO_TARGET_DIR=/work/main/target   # or leave unset
 //!     cargo build --release
 //!     cargo run --release --example serve_bench -- --data DIR [--scenario beauty|synthetic|both] [--seconds 10]
 //!     cargo run --release --example serve_bench -- --scenario synthetic [--items 100000]

@@ -75,29 +75,9 @@ fn read_history(weights: &mut Weights) {
 /// Weights of the served shape drawn from N(0, 0.1), as a trained model's
 /// are in scale; padding row 0 is zero.
 fn random_weights(items: usize, dim: usize, hidden: usize, rng: &mut impl Rng) -> Weights {
-    let mut normal = |len: usize| -> Vec<f32> {
-        (0..len)
-            .map(|_| {
-                // Box-Muller.
-                let (u1, u2): (f32, f32) = (rng.gen::<f32>().max(1e-7), rng.gen());
-                0.1 * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
-            })
-            .collect()
-    };
-    let mut item_emb = normal((items + 1) * dim);
-    item_emb[..dim].fill(0.0);
-    let mut item_bias = normal(items + 1);
-    item_bias[0] = 0.0;
-    Weights {
-        dim,
-        hidden,
-        item_emb,
-        kind_emb: normal(KINDS * dim),
-        w_ih: normal(4 * hidden * dim),
-        w_hh: normal(4 * hidden * hidden),
-        b: normal(4 * hidden),
-        proj: normal(dim * hidden),
-        proj_b: normal(dim),
-        item_bias,
-    }
+    Weights::from_fn(items, dim, hidden, || {
+        // Box-Muller.
+        let (u1, u2): (f32, f32) = (rng.gen::<f32>().max(1e-7), rng.gen());
+        0.1 * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+    })
 }

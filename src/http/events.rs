@@ -10,7 +10,8 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use super::error::{ApiError, Invalid};
-use super::{now_ms, ApiResult, AppState, MAX_INFLATED_BODY};
+use super::{ApiResult, AppState, MAX_INFLATED_BODY};
+use crate::clock::now_ms;
 pub use crate::ingest::MAX_BATCH;
 use crate::ingest::{parse_batch, BatchError, FieldError};
 

@@ -10,9 +10,10 @@ use serde_json::{json, Map, Value};
 
 use super::error::{ApiError, Invalid};
 use super::events::{read_body, MAX_BATCH};
-use super::{now_ms, parse_json, ApiResult, AppState};
+use super::{parse_json, ApiResult, AppState};
+use crate::clock::now_ms;
+use crate::domain::Item;
 use crate::ingest::{check_id, FieldError};
-use crate::store::Item;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()

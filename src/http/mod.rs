@@ -38,8 +38,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-use crate::config::Settings;
-use crate::store::Store;
+use crate::app::App;
 use error::{problem, ApiError, PROBLEM_JSON};
 
 /// A body as sent may be at most this large.
@@ -47,20 +46,15 @@ pub const MAX_BODY: usize = 1024 * 1024;
 /// A gzip body may inflate to at most this.
 pub const MAX_INFLATED_BODY: usize = 5 * 1024 * 1024;
 
-/// What every handler can reach: one shared allocation, so the clone each
-/// request makes of it is one reference count.
+/// What every handler can reach: the app, and what requests alone need.
+/// One shared allocation, so the clone each request makes of it is one
+/// reference count; it dereferences to the [`App`].
 #[derive(Clone)]
 pub struct AppState(Arc<Shared>);
 
 pub struct Shared {
-    pub store: Store,
-    pub settings: Settings,
+    pub app: App,
     pub metrics: PrometheusHandle,
-    /// Items this process has seen stored, so ingest skips their insert.
-    pub known_items: crate::store::KnownItems,
-    /// The served model, the catalogue filters, cached user states.
-    pub serving: Arc<crate::recommend::Serving>,
-    pub trainer: crate::trainer::Trainer,
     keys: auth::Keys,
 }
 
@@ -72,23 +66,22 @@ impl std::ops::Deref for AppState {
     }
 }
 
-impl AppState {
-    pub fn new(store: Store, settings: Settings) -> Self {
-        AppState(Arc::new(Shared {
-            keys: auth::Keys::new(&settings.api_keys),
-            store,
-            serving: Arc::new(crate::recommend::Serving::new(settings.train.max_len, settings.ann)),
-            trainer: crate::trainer::Trainer::default(),
-            settings,
-            metrics: crate::telemetry::metrics_handle(),
-            known_items: crate::store::KnownItems::default(),
-        }))
+impl std::ops::Deref for Shared {
+    type Target = App;
+
+    fn deref(&self) -> &App {
+        &self.app
     }
 }
 
-/// The whole API as a router, without a socket: `serve` binds it, tests may
-/// call it directly.
-pub fn app(state: AppState) -> Router {
+/// The whole API over `app` as a router, without a socket: the server binds
+/// it, tests may call it directly.
+pub fn router(app: App) -> Router {
+    let state = AppState(Arc::new(Shared {
+        keys: auth::Keys::new(&app.settings.api_keys),
+        metrics: crate::telemetry::metrics_handle(),
+        app,
+    }));
     // One semaphore for the whole API (a plain concurrency limit would give
     // each route its own). Health and metrics stay outside it, so a busy
     // server still answers its probes.
@@ -192,66 +185,9 @@ async fn problems_for_bare_errors(request: Request, next: Next) -> Response {
     fresh
 }
 
-/// Milliseconds since the epoch, by the server's clock.
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
 /// Reads a JSON body: 413 past the limit, 400 when it is not JSON.
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))
-}
-
-/// Waits for SIGTERM or ctrl-c.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = terminate => {},
-    }
-    tracing::info!("shutdown signal received; finishing in-flight requests");
-}
-
-/// Serves `app` on `listener` until `shutdown` resolves, then lets in-flight
-/// requests finish for at most `grace`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: AppState,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
-    let grace = state.settings.shutdown_grace;
-    crate::trainer::prepare(&state).await?;
-    let background = crate::trainer::start(&state);
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, app(state.clone())).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
-    let deadline = async move {
-        let mut rx = rx;
-        let _ = rx.wait_for(|stopping| *stopping).await;
-        tokio::time::sleep(grace).await;
-    };
-    tokio::select! {
-        result = server => result?,
-        () = deadline => tracing::warn!("shutdown deadline passed; dropping unfinished requests"),
-    }
-    drop(background);
-    crate::trainer::flush_impressions(&state).await;
-    Ok(())
 }
 
 pub(crate) type ApiResult<T> = Result<T, ApiError>;

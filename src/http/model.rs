@@ -9,8 +9,9 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::{ApiResult, AppState};
-use crate::ingest::format_timestamp;
-use crate::store::{OnlineStats, TrainingRun};
+use crate::clock::format_timestamp;
+use crate::domain::{OnlineStats, TrainingRun};
+use crate::model::Metrics;
 use crate::trainer::Busy;
 
 pub(super) fn router() -> Router<AppState> {
@@ -49,28 +50,23 @@ pub(super) fn online_json(stats: &[OnlineStats]) -> Vec<Value> {
 
 async fn show(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     // This replica's impressions count at once, not a second later.
-    crate::trainer::flush_impressions(&state).await;
+    state.app.flush_impressions().await;
     let runs = state.store.trainings(HISTORY).await?;
     let online = state.store.online_stats().await?;
     let model = state.serving.model();
     let meta = model.as_ref().map(|m| &m.meta);
-    let metric = |method: &str| {
-        meta.map(|m| {
-            let v = &m.metrics[method];
-            json!({"hr@10": v["hr@10"], "ndcg@10": v["ndcg@10"]})
-        })
-    };
+    let metric = |figures: &Metrics| json!({"hr@10": figures.hr, "ndcg@10": figures.ndcg});
     Ok(Json(json!({
         "version": meta.map(|m| m.version.clone()),
         "trained_at": meta.map(|m| m.trained_at.clone()),
-        "kind": meta.map(|m| m.kind.clone()),
+        "kind": meta.map(|m| m.kind),
         "events": meta.map(|m| m.events),
         "users": meta.map(|m| m.users),
         "items": meta.map(|m| m.items),
-        "metrics": meta.map(|_| json!({
-            "model": metric("model"),
-            "popular": metric("popular"),
-            "item_knn": metric("item_knn"),
+        "metrics": meta.map(|m| json!({
+            "model": metric(&m.metrics.model),
+            "popular": metric(&m.metrics.popular),
+            "item_knn": metric(&m.metrics.item_knn),
         })),
         "index": state.serving.index_info(),
         "warm": state.serving.warm_info(),
@@ -82,7 +78,7 @@ async fn show(State(state): State<AppState>) -> ApiResult<Json<Value>> {
 }
 
 async fn train(State(state): State<AppState>) -> ApiResult<(StatusCode, Json<Value>)> {
-    match crate::trainer::start_training(&state).await {
+    match crate::trainer::start_training(&state.app).await {
         Ok(()) => Ok((StatusCode::ACCEPTED, Json(json!({"status": "started"})))),
         Err(busy @ (Busy::Here | Busy::Elsewhere)) => Err(ApiError::Conflict(busy.to_string())),
     }

@@ -44,7 +44,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         let trained = chrono::DateTime::parse_from_rfc3339(&model.meta.trained_at)
             .map(|t| t.timestamp_millis())
             .unwrap_or(0);
-        metrics::gauge!("recd_snapshot_age_seconds").set((super::now_ms() - trained) as f64 / 1000.0);
+        metrics::gauge!("recd_snapshot_age_seconds").set((crate::clock::now_ms() - trained) as f64 / 1000.0);
         metrics::gauge!("recd_snapshot_info", "version" => model.meta.version.clone()).set(1.0);
     }
     // Click-through per version, as the store counts it (every replica the same).

@@ -6,74 +6,25 @@
 //! they take a pass over every event.
 
 use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use axum::extract::{Path, State};
 use axum::routing::get;
-use axum::{Extension, Json, Router};
-use tokio::sync::Mutex;
+use axum::{Json, Router};
 
 use super::error::ApiError;
 use super::{ApiResult, AppState};
-use crate::profile::{build_profile, Profile, ShopStats};
-use crate::store::{Store, StoreError};
+use crate::profile::{build_profile, Profile};
+use crate::store::StoreError;
 
 /// A profile reads at most the user's newest this many events.
 pub const MAX_PROFILE_EVENTS: i64 = 10_000;
-/// How long the shop-wide figures are reused before they are recomputed.
-pub const SHOP_STATS_TTL: Duration = Duration::from_secs(60);
 
 pub(super) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/users/{user_id}/profile", get(profile))
-        // One cache per app, so that apps on different stores (as in the
-        // tests) never share figures.
-        .layer(Extension(ShopStatsCache::default()))
-}
-
-/// The shop-wide figures and when they were computed. The lock is held while
-/// they are recomputed, so concurrent requests wait for one query instead of
-/// each running their own.
-#[derive(Clone, Default)]
-struct ShopStatsCache(Arc<Mutex<Option<Computed>>>);
-
-struct Computed {
-    at: Instant,
-    stats: Arc<ShopStats>,
-}
-
-impl ShopStatsCache {
-    async fn get(&self, store: &Store) -> ApiResult<Arc<ShopStats>> {
-        let slot = Arc::clone(&self.0);
-        let store = store.clone();
-        // A task of its own: a request that times out meanwhile does not
-        // throw the query's work away, the next one finds it done.
-        let refresh = tokio::spawn(async move {
-            let mut cached = slot.lock_owned().await;
-            if let Some(computed) = cached.as_ref().filter(|c| c.at.elapsed() < SHOP_STATS_TTL) {
-                return Ok::<_, StoreError>(Arc::clone(&computed.stats));
-            }
-            let stats = Arc::new(store.shop_stats().await?);
-            *cached = Some(Computed {
-                at: Instant::now(),
-                stats: Arc::clone(&stats),
-            });
-            Ok(stats)
-        });
-        let stats = refresh
-            .await
-            .map_err(|e| ApiError::Internal(anyhow::anyhow!("shop statistics task failed: {e}")))??;
-        Ok(stats)
-    }
+    Router::new().route("/v1/users/{user_id}/profile", get(profile))
 }
 
 /// The user's profile; 404 when the store holds no event of theirs.
-async fn profile(
-    State(state): State<AppState>,
-    Extension(cache): Extension<ShopStatsCache>,
-    Path(user_id): Path<String>,
-) -> ApiResult<Json<Profile>> {
+async fn profile(State(state): State<AppState>, Path(user_id): Path<String>) -> ApiResult<Json<Profile>> {
     let store = &state.store;
     let events = store.user_events(&user_id, MAX_PROFILE_EVENTS).await?;
     let not_found = || ApiError::NotFound(format!("no events of user {user_id:?}"));
@@ -87,7 +38,14 @@ async fn profile(
         .into_iter()
         .collect();
     let categories = store.item_categories(&item_ids).await?;
-    let shop = cache.get(store).await?;
+    let shop = state
+        .app
+        .shop_stats()
+        .await
+        .map_err(|e| match e.downcast::<StoreError>() {
+            Ok(e) => ApiError::from(e),
+            Err(e) => ApiError::Internal(e),
+        })?;
     // Erased meanwhile, the store may be empty: the user's own events then
     // say how late it is.
     let as_of = store.newest_event_ms().await?.unwrap_or(i64::MIN);

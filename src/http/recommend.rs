@@ -10,10 +10,11 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use super::error::{ApiError, Invalid};
-use super::{now_ms, ApiResult, AppState};
+use super::{ApiResult, AppState};
+use crate::clock::now_ms;
+use crate::domain::Impression;
 use crate::ingest::check_id;
 use crate::recommend::{Exclude, Ranked, Request, Serving, HISTORY_LIMIT};
-use crate::store::Impression;
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -137,13 +138,13 @@ async fn recommendations(
         popular.as_deref().map_or(&[][..], Vec::as_slice),
     );
     let recommendation_id = uuid::Uuid::now_v7().simple().to_string();
-    state.serving.record_impression(Impression {
+    state.serving.impressions.record(Impression {
         recommendation_id: recommendation_id.clone(),
         model_version: ranked.model_version.clone(),
         item_ids: ranked.items.iter().map(|i| i.item_id.clone()).collect(),
         created_at: now_ms(),
     });
-    metrics::histogram!("recd_recommendation_duration_seconds", "strategy" => ranked.strategy)
+    metrics::histogram!("recd_recommendation_duration_seconds", "strategy" => ranked.strategy.name())
         .record(started.elapsed().as_secs_f64());
     Ok(Json(RecommendationsBody {
         user_id,

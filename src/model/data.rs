@@ -1,23 +1,14 @@
 //! Events to sequences: each user's events in time order (ties in arrival
-//! order), items mapped to dense indexes, and the leave-one-out split of
-//! DESIGN.md section 5.
+//! order), items mapped to dense indexes, and the leave-one-out split (see
+//! docs/evaluation.md).
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::Context;
 
-use crate::ingest::{parse_timestamp, EventType};
-
-/// One event as the model sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EventRow {
-    pub user_id: String,
-    pub item_id: String,
-    /// The event type's code (`EventType::code`).
-    pub kind: u8,
-    pub timestamp_ms: i64,
-}
+use crate::domain::{EventRow, EventType};
+use crate::ingest::parse_timestamp;
 
 /// One position of a sequence: a dense item index (1-based; 0 is padding)
 /// and an event type code.
@@ -155,19 +146,8 @@ pub fn sample_cases(cases: &[Case], max: usize, rng: &mut rand::rngs::StdRng) ->
     cases
 }
 
-/// An item's categories as the items CSV gives them: `categories` split by
-/// `|`, or else the single `category`.
-pub fn split_categories(categories: Option<&str>, category: Option<&str>) -> Vec<String> {
-    let mut out: Vec<String> = categories
-        .map(|c| c.split('|').filter(|c| !c.is_empty()).map(str::to_owned).collect())
-        .unwrap_or_default();
-    if out.is_empty() {
-        out.extend(category.filter(|c| !c.is_empty()).map(str::to_owned));
-    }
-    out
-}
-
-/// Reads the items CSV of ../shared/data (`item_id,title,category,categories`)
+/// Reads an items CSV (`item_id,title,category,categories`, the format
+/// `recd import` reads)
 /// into each item's primary (first) category.
 pub fn load_item_categories_csv(path: &Path) -> anyhow::Result<HashMap<String, String>> {
     let mut reader = csv::Reader::from_path(path).with_context(|| format!("cannot open {}", path.display()))?;
@@ -179,14 +159,18 @@ pub fn load_item_categories_csv(path: &Path) -> anyhow::Result<HashMap<String, S
     for record in reader.records() {
         let record = record?;
         let get = |col: Option<usize>| col.and_then(|c| record.get(c)).filter(|s| !s.is_empty());
-        if let (Some(item), Some(first)) = (get(Some(id)), split_categories(get(categories), get(category)).first()) {
+        if let (Some(item), Some(first)) = (
+            get(Some(id)),
+            crate::ingest::split_categories(get(categories), get(category)).first(),
+        ) {
             primary.insert(item.to_owned(), first.clone());
         }
     }
     Ok(primary)
 }
 
-/// Reads the events CSV of ../shared/data (`user_id,item_id,type,value,timestamp`).
+/// Reads an events CSV (`user_id,item_id,type,value,timestamp`, the format
+/// `recd import` reads).
 pub fn load_events_csv(path: &Path) -> anyhow::Result<Vec<EventRow>> {
     let mut reader = csv::Reader::from_path(path).with_context(|| format!("cannot open {}", path.display()))?;
     let headers = reader.headers()?.clone();

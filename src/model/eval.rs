@@ -7,11 +7,12 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use super::data::{sample_cases, Case, Dataset, EventRow, Split};
+use super::data::{sample_cases, Case, Dataset, Split};
 use super::knn::Neighbours;
 use super::metrics::{self, Metrics};
-use super::snapshot::{ModelSnapshot, SnapshotMeta, Weights};
+use super::snapshot::{ModelMetrics, ModelSnapshot, SnapshotKind, SnapshotMeta, Weights};
 use super::train::{train, TrainConfig};
+use crate::domain::EventRow;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct DataSummary {
@@ -146,9 +147,13 @@ pub fn train_and_evaluate(
         events: data.events as u64,
         users: data.users() as u64,
         items: data.items() as u64,
-        metrics: serde_json::Value::Null,
+        metrics: ModelMetrics::default(),
         knn_weight,
-        kind: if network.is_some() { "network" } else { "popular" }.to_owned(),
+        kind: if network.is_some() {
+            SnapshotKind::Network
+        } else {
+            SnapshotKind::Popular
+        },
         last_seq: 0,
     };
     let mut snapshot = ModelSnapshot::new(meta, data.item_ids.clone(), network, popularity, knn);
@@ -192,10 +197,12 @@ pub fn train_and_evaluate(
         popular,
         item_knn,
     };
-    snapshot.meta.metrics = serde_json::json!({
-        "model": report.model, "popular": report.popular, "item_knn": report.item_knn,
-        "test_users": report.data.test_users,
-    });
+    snapshot.meta.metrics = ModelMetrics {
+        model: report.model,
+        popular: report.popular,
+        item_knn: report.item_knn,
+        test_users: report.data.test_users,
+    };
     Ok((snapshot, report))
 }
 

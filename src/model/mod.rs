@@ -1,7 +1,7 @@
 //! recd's model: a candle sequence network (item and event-type embeddings,
 //! an LSTM, tied output embeddings with an item bias) trained on each
 //! shopper's events, the popular and co-occurrence baselines, the
-//! evaluation protocol of DESIGN.md section 5, and the snapshot that the
+//! evaluation protocol (docs/evaluation.md), and the snapshot that the
 //! service scores with in plain Rust.
 
 pub mod ann;
@@ -16,7 +16,8 @@ pub mod simd;
 pub mod snapshot;
 pub mod train;
 
-pub use data::{load_events_csv, Dataset, EventRow, Split, Step};
+pub use crate::domain::EventRow;
+pub use data::{load_events_csv, Dataset, Split, Step};
 pub use eval::{evaluate_events, train_and_evaluate, EvalReport};
 pub use metrics::Metrics;
 pub use snapshot::{top_n, ModelSnapshot, SnapshotMeta, UserState};

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::Step;
 use super::knn::Neighbours;
+use super::metrics::Metrics;
 
 /// Event type codes the model embeds (`EventType::ALL`), plus padding.
 pub const KINDS: usize = 8;
@@ -26,17 +27,36 @@ pub struct SnapshotMeta {
     pub events: u64,
     pub users: u64,
     pub items: u64,
-    /// Held-out figures of this training: `model`, `popular`, `item_knn`.
-    pub metrics: serde_json::Value,
+    /// Held-out figures of this training.
+    pub metrics: ModelMetrics,
     /// The weight of co-occurrence scores added to the network's.
     pub knn_weight: f32,
-    /// `network` when trained weights are present, `popular` when the data
-    /// was too small to train (only popularity and co-occurrence then).
-    pub kind: String,
+    pub kind: SnapshotKind,
     /// The store's newest arrival number among the events learned from:
     /// later arrivals are the new events a retraining waits for.
     #[serde(default)]
     pub last_seq: i64,
+}
+
+/// What a snapshot ranks with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotKind {
+    /// Trained weights are present.
+    Network,
+    /// The data was too small to train: popularity and co-occurrence only.
+    Popular,
+}
+
+/// The held-out figures of one training, each method on the same test
+/// cases.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelMetrics {
+    pub model: Metrics,
+    pub popular: Metrics,
+    pub item_knn: Metrics,
+    pub test_users: u64,
 }
 
 /// The network's weights, row-major.
@@ -116,6 +136,29 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 impl Weights {
+    /// Weights of the served shape with every value drawn from `value`,
+    /// and the padding row and bias zero: for tests and benchmarks that
+    /// need a network without training one.
+    pub fn from_fn(items: usize, dim: usize, hidden: usize, mut value: impl FnMut() -> f32) -> Weights {
+        let mut values = |len: usize| (0..len).map(|_| value()).collect::<Vec<f32>>();
+        let mut item_emb = values((items + 1) * dim);
+        item_emb[..dim].fill(0.0);
+        let mut item_bias = values(items + 1);
+        item_bias[0] = 0.0;
+        Weights {
+            dim,
+            hidden,
+            item_emb,
+            kind_emb: values(KINDS * dim),
+            w_ih: values(4 * hidden * dim),
+            w_hh: values(4 * hidden * hidden),
+            b: values(4 * hidden),
+            proj: values(dim * hidden),
+            proj_b: values(dim),
+            item_bias,
+        }
+    }
+
     pub fn items(&self) -> usize {
         self.item_bias.len() - 1
     }
@@ -489,6 +532,54 @@ impl ModelSnapshot {
             f32s("popularity")?,
             neighbours,
         ))
+    }
+}
+
+/// Small snapshots with random weights, for the unit tests of the layers
+/// that rank with a model (no training needed).
+#[cfg(test)]
+pub(crate) mod testing {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+
+    /// A snapshot over items `i1..=iN`, with a network when `network` (else
+    /// popularity and co-occurrence only); `pairs` co-occur.
+    pub(crate) fn snapshot(items: usize, network: bool, pairs: &[(u32, u32)], seed: u64) -> ModelSnapshot {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let weights = network.then(|| Weights::from_fn(items, 8, 8, || rng.gen_range(-0.5f32..0.5)));
+        let meta = SnapshotMeta {
+            version: format!("test-{seed}"),
+            trained_at: "2026-01-01T00:00:00.000Z".to_owned(),
+            cutoff_ms: 0,
+            events: 0,
+            users: 0,
+            items: items as u64,
+            metrics: ModelMetrics::default(),
+            knn_weight: 0.0,
+            kind: if network {
+                SnapshotKind::Network
+            } else {
+                SnapshotKind::Popular
+            },
+            last_seq: 0,
+        };
+        let sequences: Vec<[Step; 2]> = pairs
+            .iter()
+            .map(|&(a, b)| [Step { item: a, kind: 0 }, Step { item: b, kind: 0 }])
+            .collect();
+        let neighbours = Neighbours::build(items, sequences.iter().map(|s| &s[..]), 10);
+        let popularity = (0..=items)
+            .map(|i| if i == 0 { 0.0 } else { (items - i + 1) as f32 })
+            .collect();
+        ModelSnapshot::new(
+            meta,
+            (1..=items).map(|i| format!("i{i}")).collect(),
+            weights,
+            popularity,
+            neighbours,
+        )
     }
 }
 

@@ -214,8 +214,9 @@ pub fn train(
         } else {
             validate(data, &weights, &valid, cfg)
         };
-        // Selection by MRR: on sparse data (a few hits in the top 10 among
-        // thousands of cases) NDCG@10 is mostly noise, MRR still moves.
+        // Selection by whole-ranking NDCG: on sparse data (a few hits in the
+        // top 10 among thousands of cases) NDCG@10 is mostly noise, the
+        // whole ranking still moves.
         let score = m.ndcg_full;
         tracing::info!(
             epoch,

@@ -7,7 +7,7 @@
 //! their items and the shop-wide figures the scores are relative to
 //! ([`ShopStats`], one aggregate query over all users); `GET
 //! /v1/users/{user_id}/profile` fetches those and calls [`build_profile`].
-//! The README's "Profiles" section says how every number is computed; keep
+//! docs/api.md ("Profiles") says how every number is computed; keep
 //! the two in step.
 //!
 //! Time is measured back from `as_of`, the newest event in the store, not the
@@ -18,8 +18,8 @@ use std::collections::{HashMap, HashSet};
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
 
-use crate::ingest::{format_timestamp, EventType};
-use crate::store::UserEvent;
+use crate::clock::format_timestamp;
+use crate::domain::{EventType, RfmCuts, ShopStats, UserEvent};
 
 /// Events without a `session_id` more than this far apart are in different
 /// sessions.
@@ -43,30 +43,6 @@ pub const NEW_USER_DAYS: f64 = 30.0;
 pub const AT_RISK: f64 = 0.5;
 /// Churn risk from which a user is `lost` (away four times their usual gap).
 pub const LOST: f64 = 0.75;
-
-/// What the shop's users look like as a whole; each profile is scored
-/// against it. Holds quantiles and a median, no single user's data.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ShopStats {
-    /// The RFM quintile cuts; `None` when the store has no events.
-    pub rfm_cuts: Option<RfmCuts>,
-    /// The median of the usual gaps (ms) of users with two sessions or more;
-    /// `None` when nobody has come back yet.
-    pub usual_gap_ms: Option<f64>,
-}
-
-/// The four cuts between the fifths of the shop's users, for each RFM
-/// measure: `cuts[k - 1]` is the value at ascending rank ⌈k·n/5⌉ of the n
-/// users (see [`quintile_cuts`]).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RfmCuts {
-    /// Time of each user's newest event (ms since the epoch).
-    pub last_seen_ms: [i64; 4],
-    /// Sessions per user.
-    pub sessions: [i64; 4],
-    /// Purchase spend per user.
-    pub spend: [f64; 4],
-}
 
 /// One visit: the time of its first and of its last event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::RwLock;
 
+use crate::domain::ItemFlags;
 use crate::store::{Store, StoreError};
 
 /// While the newest change seen is this recent (ms, by the wall clock),
@@ -61,7 +62,7 @@ impl Catalogue {
     /// Reads the catalogue's changes since the last refresh.
     pub async fn refresh(&self, store: &Store) -> Result<(), StoreError> {
         let mut since = self.since.lock().await;
-        let now = chrono::Utc::now().timestamp_millis();
+        let now = crate::clock::now_ms();
         let changes = match *since {
             None => {
                 // The first load: only items the filters must know of, and
@@ -74,13 +75,18 @@ impl Catalogue {
             Some(s) if now - s <= OVERLAP_MS => store.catalogue_changes(s - OVERLAP_MS, false).await?,
             Some(s) => store.catalogue_changes(s + 1, false).await?,
         };
-        if changes.is_empty() {
-            return Ok(());
+        if let Some(newest) = self.apply(changes) {
+            *since = Some(since.map_or(newest, |s| s.max(newest)));
         }
+        Ok(())
+    }
+
+    /// Takes in items' changes; returns the newest change time among them.
+    pub fn apply(&self, changes: Vec<ItemFlags>) -> Option<i64> {
+        let newest = changes.iter().map(|c| c.updated_at).max()?;
         let mut items = self.items.write().unwrap_or_else(|e| e.into_inner());
         let mut changed = false;
         for change in changes {
-            *since = Some(since.map_or(change.updated_at, |s| s.max(change.updated_at)));
             let blocked = change.deleted || !change.available;
             if blocked || !change.categories.is_empty() {
                 let entry = Entry {
@@ -99,6 +105,6 @@ impl Catalogue {
         if changed {
             self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-        Ok(())
+        Some(newest)
     }
 }

@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::store::{Store, StoreError, UserEvent};
+use crate::domain::UserEvent;
+use crate::store::{Store, StoreError};
 
 /// How often the store is asked which users have new events.
 pub const FOLLOW_EVERY: Duration = Duration::from_millis(250);

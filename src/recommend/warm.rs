@@ -11,19 +11,32 @@ use std::time::Instant;
 use serde::Serialize;
 
 use super::history::CAPACITY_EVENTS;
-use super::{history_of, CachedState, Serving, HISTORY_LIMIT};
+use super::state::CachedState;
+use super::{history_of, Serving, HISTORY_LIMIT};
+use crate::domain::UserEvent;
 use crate::model::ModelSnapshot;
-use crate::store::{Store, UserEvent};
+use crate::store::Store;
 
 /// Users whose events are read before their states are made on a blocking
 /// thread.
 const CHUNK_USERS: usize = 256;
 
+/// Where the newest warming is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarmState {
+    Warming,
+    Done,
+    Failed,
+    /// `warm_users` is 0, or the model has no network to warm.
+    #[default]
+    Off,
+}
+
 /// What became of the newest warming, for `GET /v1/model`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct WarmInfo {
-    /// `warming`, `done`, `failed`, or `off` (`warm_users` is 0).
-    pub state: &'static str,
+    pub state: WarmState,
     /// The model version warmed for.
     pub version: String,
     /// Users whose state is ready.
@@ -48,21 +61,21 @@ impl Serving {
         let started = Instant::now();
         let mut info = WarmInfo {
             state: if users == 0 || model.weights.is_none() {
-                "off"
+                WarmState::Off
             } else {
-                "warming"
+                WarmState::Warming
             },
             version: model.meta.version.clone(),
             ..WarmInfo::default()
         };
         self.set_warm_info(&info);
-        if info.state == "off" {
+        if info.state == WarmState::Off {
             return info;
         }
         match self.warm_users(store, model, users, &mut info).await {
-            Ok(()) => info.state = "done",
+            Ok(()) => info.state = WarmState::Done,
             Err(e) => {
-                info.state = "failed";
+                info.state = WarmState::Failed;
                 info.error = Some(format!("{e:#}"));
             }
         }

@@ -6,14 +6,12 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection, PgPool, Row, SqlitePool};
 
-use crate::ingest::NewEvent;
-use crate::model::EventRow;
+use crate::domain::{EventRow, Item, NewEvent};
 
 static PG_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -29,13 +27,12 @@ macro_rules! on_pool {
     };
 }
 
+mod coordination;
 mod profile;
 mod serving;
-pub use serving::{Impression, ItemFlags, OnlineStats, TrainingRun, UserEvent, ITEM_SEPARATOR};
-
-/// Postgres channels: a new snapshot's version, and an erased user's id.
-pub const SNAPSHOT_CHANNEL: &str = "recd_snapshots";
-pub const ERASURE_CHANNEL: &str = "recd_erasures";
+pub use coordination::{Locks, Notice, Notices};
+use coordination::{ERASURE_CHANNEL, SNAPSHOT_CHANNEL};
+pub use serving::ITEM_SEPARATOR;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -82,17 +79,6 @@ fn is_unavailable(e: &sqlx::Error) -> bool {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
-
-/// A catalogue item as stored and served.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Item {
-    pub item_id: String,
-    pub title: Option<String>,
-    pub categories: Vec<String>,
-    pub price: Option<f64>,
-    pub available: bool,
-    pub attributes: Map<String, Value>,
-}
 
 /// Item ids known to exist in the catalogue, remembered by one process to
 /// spare the catalogue insert of each event batch. Bounded: past the limit

@@ -4,11 +4,10 @@
 use std::collections::HashMap;
 
 use super::{Result, Store};
-use crate::ingest::EventType;
-use crate::profile::{RfmCuts, ShopStats, MIN_USUAL_GAP_MS, SESSION_GAP_MS};
+use crate::domain::{EventType, RfmCuts, ShopStats};
 
 /// Every user's sessions, gaps and RFM measures, reduced to the quintile
-/// cuts and the median usual gap. The same rules as `crate::profile`:
+/// cuts and the median usual gap. The same rules as the profile's:
 ///
 /// - `sessions`: one per distinct `session_id`; events without one start a
 ///   new session when more than $1 ms passed since the user's previous
@@ -123,11 +122,15 @@ impl Store {
     /// The shop-wide figures profiles are scored against: RFM quintile cuts
     /// over all users and the median usual gap between sessions. One pass
     /// over every event: cache the result rather than call it per request.
-    pub async fn shop_stats(&self) -> Result<ShopStats> {
+    ///
+    /// `session_gap_ms`: events further apart than this (without session
+    /// ids) are two sessions; `min_usual_gap_ms`: the least a user's usual
+    /// gap can be. The profile's rules own both numbers.
+    pub async fn shop_stats(&self, session_gap_ms: i64, min_usual_gap_ms: f64) -> Result<ShopStats> {
         let rows = on_pool!(self, pool => {
             sqlx::query_as::<_, (Option<i64>, Option<i64>, Option<f64>, Option<f64>)>(SHOP_STATS)
-                .bind(SESSION_GAP_MS)
-                .bind(MIN_USUAL_GAP_MS)
+                .bind(session_gap_ms)
+                .bind(min_usual_gap_ms)
                 .bind(EventType::Purchase.code())
                 .fetch_all(pool)
                 .await?

@@ -6,64 +6,11 @@ use std::collections::HashMap;
 use sqlx::Row;
 
 use super::{Result, Store};
-use crate::model::EventRow;
+use crate::domain::{EventRow, Impression, ItemFlags, OnlineStats, TrainingOutcome, TrainingRun, UserEvent};
 
 /// The unit separator: it ends each item id in `impressions.items`. Ids are
 /// printable, so none contains it.
 pub const ITEM_SEPARATOR: char = '\u{1f}';
-
-/// One of a user's events, as serving and profiles read them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct UserEvent {
-    pub item_id: String,
-    /// `EventType::code`.
-    pub kind: i16,
-    pub value: Option<f64>,
-    /// Milliseconds since the epoch.
-    pub ts: i64,
-    pub session_id: Option<String>,
-    /// Arrival order in the store.
-    pub seq: i64,
-}
-
-/// An item's state as the recommendation filters need it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ItemFlags {
-    pub item_id: String,
-    pub categories: Vec<String>,
-    pub available: bool,
-    pub deleted: bool,
-    pub updated_at: i64,
-}
-
-/// One training run as `GET /v1/model` shows it.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-pub struct TrainingRun {
-    pub id: String,
-    pub started_at: i64,
-    pub finished_at: Option<i64>,
-    pub outcome: String,
-    pub reason: Option<String>,
-    pub version: Option<String>,
-    pub replica: Option<String>,
-}
-
-/// A recommendations response, counted as one impression of its version.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Impression {
-    pub recommendation_id: String,
-    pub model_version: Option<String>,
-    pub item_ids: Vec<String>,
-    pub created_at: i64,
-}
-
-/// Impressions and clicks of one model version (`None`: no model yet).
-#[derive(Debug, Clone, PartialEq)]
-pub struct OnlineStats {
-    pub model_version: Option<String>,
-    pub impressions: i64,
-    pub clicks: i64,
-}
 
 impl Store {
     /// The user's newest `limit` events, newest first (ties: later arrival
@@ -250,7 +197,7 @@ impl Store {
         &self,
         id: &str,
         finished_at: i64,
-        outcome: &str,
+        outcome: TrainingOutcome,
         reason: Option<&str>,
         version: Option<&str>,
     ) -> Result<()> {
@@ -258,7 +205,7 @@ impl Store {
             sqlx::query("UPDATE trainings SET finished_at = $2, outcome = $3, reason = $4, version = $5 WHERE id = $1")
                 .bind(id)
                 .bind(finished_at)
-                .bind(outcome)
+                .bind(outcome.name())
                 .bind(reason)
                 .bind(version)
                 .execute(pool)
@@ -290,7 +237,7 @@ impl Store {
                     id,
                     started_at,
                     finished_at,
-                    outcome,
+                    outcome: TrainingOutcome::parse(&outcome),
                     reason,
                     version,
                     replica,

@@ -9,8 +9,8 @@
 
 use std::time::Duration;
 
+use recd::app::App;
 use recd::config::Settings;
-use recd::http::AppState;
 use recd::store::Store;
 use serde_json::Value;
 use sqlx::Connection;
@@ -177,13 +177,13 @@ pub async fn start(settings: Settings, dir: Option<tempfile::TempDir>) -> TestAp
     let database_url = settings.database_url.expose().to_owned();
     let listener = tokio::net::TcpListener::bind(settings.listen).await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("address"));
-    let state = AppState::new(store.clone(), settings);
+    let app = App::open(store.clone(), settings).await.expect("app opens");
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         let shutdown = async {
             let _ = stopped.await;
         };
-        recd::http::serve(listener, state, shutdown).await.expect("server runs");
+        recd::server::serve(listener, app, shutdown).await.expect("server runs");
     });
     TestApp {
         url,

@@ -1,9 +1,11 @@
 //! Profiles: what a shop reads about one shopper, from their events, scored
 //! against the shop's other shoppers.
 
+use recd::clock::format_timestamp;
 use recd::config::parse_api_keys;
-use recd::ingest::{format_timestamp, parse_timestamp};
-use recd::profile::{churn_risk, RfmCuts};
+use recd::domain::RfmCuts;
+use recd::ingest::parse_timestamp;
+use recd::profile::churn_risk;
 use serde_json::{json, Value};
 
 use crate::helpers::{problem, spawn_app_with, Db, TestApp};
@@ -158,7 +160,11 @@ async fn counts_sessions_spend_and_categories(app: TestApp) {
     assert_eq!(profile["segment"], "new");
 
     // The store's aggregate query cuts the same sessions and gaps.
-    let shop = app.store.shop_stats().await.unwrap();
+    let shop = app
+        .store
+        .shop_stats(recd::profile::SESSION_GAP_MS, recd::profile::MIN_USUAL_GAP_MS)
+        .await
+        .unwrap();
     let last = parse_timestamp("2025-01-03T12:10:00Z").unwrap();
     assert_eq!(
         shop.rfm_cuts,
@@ -245,7 +251,11 @@ async fn churn_rfm_and_segments_are_relative_to_the_shop(app: TestApp) {
     assert_eq!(pair["segment"], "new");
     assert_eq!(once["segment"], "new");
 
-    let shop = app.store.shop_stats().await.unwrap();
+    let shop = app
+        .store
+        .shop_stats(recd::profile::SESSION_GAP_MS, recd::profile::MIN_USUAL_GAP_MS)
+        .await
+        .unwrap();
     assert_eq!(
         shop.rfm_cuts,
         Some(RfmCuts {

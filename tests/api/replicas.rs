@@ -182,6 +182,9 @@ async fn one_replica_trains_both_serve_and_the_other_takes_over() {
     assert_eq!(body["last_training"]["outcome"], "published", "{body}");
     // A run the killed replica left behind is closed, not `running` forever.
     let runs = store.trainings(100).await.unwrap();
-    assert!(runs.iter().all(|r| r.outcome != "running"), "{runs:?}");
+    assert!(
+        runs.iter().all(|r| r.outcome != recd::domain::TrainingOutcome::Running),
+        "{runs:?}"
+    );
     store.close().await;
 }

@@ -47,7 +47,7 @@ pub async fn seed_shop(app: &TestApp, users: usize) -> recd::demo::DemoShop {
         .map(|e| {
             json!({"event_id": e.event_id, "user_id": e.user_id, "item_id": e.item_id, "type": e.kind.name(),
                    "value": e.value, "session_id": e.session_id,
-                   "timestamp": recd::ingest::format_timestamp(e.ts)})
+                   "timestamp": recd::clock::format_timestamp(e.ts)})
         })
         .collect();
     for chunk in events.chunks(1000) {
@@ -103,6 +103,16 @@ pub fn ids(reply: &Value) -> Vec<String> {
         .iter()
         .map(|i| i["item_id"].as_str().unwrap().to_owned())
         .collect()
+}
+
+/// A counter's value on `/metrics` (0 when it was never counted). The
+/// recorder is one per test process: tests running beside this one may add
+/// to it, never take away.
+pub async fn counter(app: &TestApp, series: &str) -> f64 {
+    let text = app.get("/metrics").await.text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 async fn published(app: &TestApp) -> String {
@@ -264,7 +274,7 @@ async fn cold_start_and_filters_hold(app: TestApp) {
     let seen: HashSet<&str> = events.iter().map(|e| e.item_id.as_str()).collect();
     let purchased: HashSet<&str> = events
         .iter()
-        .filter(|e| e.kind == recd::ingest::EventType::Purchase)
+        .filter(|e| e.kind == recd::domain::EventType::Purchase)
         .map(|e| e.item_id.as_str())
         .collect();
     let all = recommend(&app, user, "n=50&exclude=none").await;
@@ -429,6 +439,7 @@ mod warming {
         for user in &users {
             recommend(&app, user, "n=10").await;
         }
+        let advanced_before = counter(&app, r#"recd_user_states_total{from="advanced"}"#).await;
         // One or two new views each, of items the user has not seen.
         for (u, user) in users.iter().enumerate() {
             let seen: HashSet<&str> = shop
@@ -450,6 +461,12 @@ mod warming {
             }
         }
         let advanced = answers(&app, &version).await;
+        // Every one of the 40 states was advanced, not made anew.
+        let advanced_after = counter(&app, r#"recd_user_states_total{from="advanced"}"#).await;
+        assert!(
+            advanced_after - advanced_before >= users.len() as f64,
+            "states advanced: {advanced_before} -> {advanced_after}"
+        );
 
         let app = restart_with(app, |s| {
             fast(s);
@@ -615,6 +632,20 @@ mod approximate {
         out
     }
 
+    /// `GET /v1/model`'s `index` once it is no longer building (30 s at
+    /// most).
+    async fn built_index(app: &TestApp) -> Value {
+        let mut index = Value::Null;
+        for _ in 0..600 {
+            index = model(app).await["index"].clone();
+            if index["state"] != "building" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        index
+    }
+
     /// Fast training, and an index for any catalogue, with f16 vectors.
     fn indexed(s: &mut Settings) {
         fast(s);
@@ -625,14 +656,7 @@ mod approximate {
     async fn same_answers_as_scoring_every_item(app: TestApp) {
         seed_shop(&app, 200).await;
         let version = published(&app).await;
-        let mut index = Value::Null;
-        for _ in 0..200 {
-            index = model(&app).await["index"].clone();
-            if index["state"] != "building" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let index = built_index(&app).await;
         assert_eq!(index["kind"], "approximate", "{index}");
         assert_eq!(index["state"], "ready", "{index}");
         assert!(index["build_seconds"].as_f64().is_some(), "{index}");
@@ -657,4 +681,128 @@ mod approximate {
     }
 
     crate::both_stores!(with super::indexed; same_answers_as_scoring_every_item);
+
+    /// Categories of `WIDE` items each, and one of `RARE` items.
+    const CATEGORIES: usize = 8;
+    const WIDE: usize = 250;
+    const RARE: usize = 6;
+
+    /// A catalogue of 2,006 items where 50 candidates are far fewer than
+    /// the items: shoppers walk a category's items in order, so a trained
+    /// model places them near each other.
+    async fn seed_large(app: &TestApp) -> usize {
+        let mut items = Vec::new();
+        for c in 0..CATEGORIES {
+            items.extend((0..WIDE).map(|i| (format!("c{c}-{i}"), format!("cat{c}"))));
+        }
+        items.extend((0..RARE).map(|i| (format!("rare-{i}"), "rare".to_owned())));
+        for chunk in items.chunks(1000) {
+            let body: Vec<Value> = chunk
+                .iter()
+                .map(|(id, category)| json!({"item_id": id, "categories": [category]}))
+                .collect();
+            assert_eq!(app.post("/v1/items", &json!({"items": body})).await.status(), 200);
+        }
+        let now = chrono::Utc::now().timestamp_millis() - 3_600_000;
+        let mut events = Vec::new();
+        let mut push = |user: String, item: &str, at: i64| {
+            events.push(recd::domain::NewEvent {
+                event_id: Some(format!("e{}", events.len())),
+                user_id: user,
+                item_id: item.to_owned(),
+                kind: recd::domain::EventType::View,
+                value: None,
+                ts: now + at,
+                session_id: None,
+                recommendation_id: None,
+            });
+        };
+        for u in 0..1200usize {
+            let (c, start) = (u % CATEGORIES, (u * 37) % WIDE);
+            for step in 0..6 {
+                let i = (start + step * 3) % WIDE;
+                push(format!("user-{u}"), &format!("c{c}-{i}"), (u * 10 + step) as i64);
+            }
+        }
+        // Every item is seen, the rare ones too.
+        for (n, (id, _)) in items.iter().enumerate() {
+            push(format!("walker-{}", n / 40), id, 20_000 + n as i64);
+        }
+        for chunk in events.chunks(1000) {
+            app.store.insert_events(chunk, now).await.expect("events stored");
+        }
+        items.len()
+    }
+
+    /// Top-10 answers of the first 100 users, in the rare category too.
+    async fn top_tens(app: &TestApp, version: &str, query: &str) -> Vec<Vec<String>> {
+        let mut out = Vec::new();
+        for u in 0..100 {
+            let reply = recommend(app, &format!("user-{u}"), query).await;
+            assert_eq!(reply["model_version"], version, "{reply}");
+            assert_eq!(reply["strategy"], "personalized", "{reply}");
+            out.push(ids(&reply));
+        }
+        out
+    }
+
+    /// Through the index on a catalogue far larger than the candidates:
+    /// the top 10 mostly agree with scoring every item, and a category too
+    /// narrow for the candidates falls back to the scan, with the same
+    /// answer as the scan.
+    async fn recall_and_fallback_on_a_large_catalogue(app: TestApp) {
+        let items = seed_large(&app).await;
+        let version = published(&app).await;
+        let index = built_index(&app).await;
+        assert_eq!(index["state"], "ready", "{index}");
+        assert_eq!(model(&app).await["items"], items);
+        let through_index = counter(&app, "recd_ann_rankings_total").await;
+        let approximate = top_tens(&app, &version, "n=10").await;
+        let through_index = counter(&app, "recd_ann_rankings_total").await - through_index;
+        assert!(
+            through_index >= 100.0,
+            "{through_index} of 100 rankings through the index"
+        );
+        let fallbacks_before = counter(&app, "recd_ann_fallbacks_total").await;
+        let rare_approximate = top_tens(&app, &version, "n=10&category=rare").await;
+        let fallbacks_after = counter(&app, "recd_ann_fallbacks_total").await;
+        assert!(
+            fallbacks_after - fallbacks_before >= 100.0,
+            "each narrow request falls back: {fallbacks_before} -> {fallbacks_after}"
+        );
+        assert!(
+            rare_approximate.iter().all(|top| top.len() == RARE),
+            "{rare_approximate:?}"
+        );
+
+        let app = restart_with(app, |s| {
+            fast(s);
+            s.ann.min_items = 0;
+        })
+        .await;
+        let exact = top_tens(&app, &version, "n=10").await;
+        let found: usize = approximate
+            .iter()
+            .zip(&exact)
+            .map(|(a, e)| a.iter().filter(|id| e.contains(id)).count())
+            .sum();
+        let recall = found as f64 / (10 * exact.len()) as f64;
+        eprintln!("recall@10 through the index: {recall:.3}");
+        assert!(recall >= 0.8, "recall@10 {recall:.3} against scoring every item");
+        assert_eq!(rare_approximate, top_tens(&app, &version, "n=10&category=rare").await);
+    }
+
+    /// An index for any catalogue, searched for 50 candidates.
+    fn few_candidates(s: &mut Settings) {
+        fast(s);
+        s.ann.min_items = 1;
+        s.ann.candidates = 50;
+        s.ann.ef_search = 50;
+    }
+
+    mod large {
+        crate::both_stores!(with crate::serving::approximate::few_candidates; recall_and_fallback_on_a_large_catalogue);
+
+        use super::recall_and_fallback_on_a_large_catalogue;
+    }
 }

@@ -1,0 +1,170 @@
+//! The App: one owner for what a serving process holds and runs. It owns
+//! the store, the settings, the serving state (the model, caches, index)
+//! and the trainer's handle; it loads the newest snapshot before the port
+//! is bound (`open`), starts the background tasks once (`start`) and stops
+//! them on shutdown (`stop`). The HTTP layer reaches it through axum state
+//! and holds no lifecycle of its own.
+
+mod shop_stats;
+mod tasks;
+
+use std::sync::{Arc, Mutex};
+
+use tokio::task::JoinHandle;
+
+use crate::clock::now_ms;
+use crate::config::Settings;
+use crate::domain::ShopStats;
+use crate::model::ModelSnapshot;
+use crate::recommend::Serving;
+use crate::store::{KnownItems, Locks, Store};
+use crate::trainer::Trainer;
+use shop_stats::ShopStatsCache;
+
+/// A cheap handle: clones share one allocation.
+#[derive(Clone)]
+pub struct App(Arc<Inner>);
+
+pub struct Inner {
+    pub store: Store,
+    pub settings: Settings,
+    /// Items this process has seen stored, so ingest skips their insert.
+    pub known_items: KnownItems,
+    /// The served model, the catalogue filters, cached user states.
+    pub serving: Arc<Serving>,
+    pub trainer: Trainer,
+    /// The shop-wide figures profiles are scored against.
+    shop_stats: ShopStatsCache,
+    /// The background tasks, once started; taken (and aborted) by `stop`.
+    tasks: Mutex<Option<Vec<JoinHandle<()>>>>,
+    /// The newest warming of user states (aborted by `stop`, and when a
+    /// newer model's warming starts).
+    warming: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::ops::Deref for App {
+    type Target = Inner;
+
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl App {
+    /// The app over an open store: the newest snapshot and the catalogue
+    /// are loaded here, before the port is bound, so a restarted service
+    /// serves its last model from the first request on.
+    pub async fn open(store: Store, settings: Settings) -> anyhow::Result<App> {
+        let app = App(Arc::new(Inner {
+            serving: Arc::new(Serving::new(settings.train.max_len, settings.ann)),
+            trainer: Trainer::new(Locks::new(&store)),
+            known_items: KnownItems::default(),
+            shop_stats: ShopStatsCache::default(),
+            tasks: Mutex::new(None),
+            warming: Mutex::new(None),
+            store,
+            settings,
+        }));
+        app.load_latest().await?;
+        app.serving.catalogue.refresh(&app.store).await?;
+        if app.store.one_process() {
+            // A run left `running` died with the process before this one.
+            app.store.abandon_trainings(now_ms()).await?;
+        }
+        Ok(app)
+    }
+
+    /// Starts the background tasks; a second call does nothing.
+    pub fn start(&self) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        if tasks.is_none() {
+            *tasks = Some(tasks::spawn_all(self));
+        }
+    }
+
+    /// Stops the background tasks and hands the impressions counted so far
+    /// to the store.
+    pub async fn stop(&self) {
+        let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let warming = self.warming.lock().unwrap_or_else(|e| e.into_inner()).take();
+        for task in tasks.into_iter().flatten().chain(warming) {
+            task.abort();
+        }
+        self.flush_impressions().await;
+    }
+
+    /// Serves the newest stored snapshot if it is not served yet.
+    pub async fn load_latest(&self) -> anyhow::Result<()> {
+        let Some(version) = self.store.latest_snapshot_version().await? else {
+            return Ok(());
+        };
+        if self.serving.version().as_deref() == Some(version.as_str()) {
+            return Ok(());
+        }
+        let Some(bytes) = self.store.snapshot_bytes(&version).await? else {
+            return Ok(());
+        };
+        let snapshot = tokio::task::spawn_blocking(move || ModelSnapshot::from_bytes(&bytes)).await??;
+        // Another replica may have published a newer one meanwhile; the next
+        // look picks it up.
+        self.serve_snapshot(snapshot);
+        metrics::counter!("recd_snapshot_loads_total").increment(1);
+        Ok(())
+    }
+
+    /// Serves `snapshot` from now on, and warms the states of the most
+    /// recently active users for it in the background.
+    pub fn serve_snapshot(&self, snapshot: ModelSnapshot) {
+        record_model_metrics(&snapshot);
+        self.serving.publish(snapshot);
+        let Some(model) = self.serving.model() else {
+            return;
+        };
+        let app = self.clone();
+        let warming = tokio::spawn(async move {
+            let info = app.serving.warm(&app.store, &model, app.settings.warm_users).await;
+            metrics::gauge!("recd_warmed_users").set(info.users as f64);
+            match info.error {
+                None => tracing::info!(
+                    version = info.version,
+                    users = info.users,
+                    seconds = info.seconds,
+                    "user states warmed"
+                ),
+                Some(error) => tracing::warn!(version = info.version, error, "warming user states failed"),
+            }
+        });
+        let older = self.warming.lock().unwrap_or_else(|e| e.into_inner()).replace(warming);
+        if let Some(older) = older {
+            older.abort();
+        }
+    }
+
+    /// Hands the impressions counted so far to the store (they are kept for
+    /// the next try when it cannot take them).
+    pub async fn flush_impressions(&self) {
+        let pending = self.serving.impressions.take();
+        if pending.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.record_impressions(&pending).await {
+            tracing::warn!(error = %e, impressions = pending.len(), "cannot store impressions yet");
+            self.serving.impressions.put_back(pending);
+        }
+    }
+
+    /// The shop-wide figures profiles are scored against, computed at most
+    /// once a minute. A store error is a `StoreError` inside the `anyhow`.
+    pub async fn shop_stats(&self) -> anyhow::Result<Arc<ShopStats>> {
+        self.shop_stats.get(&self.store).await
+    }
+}
+
+/// The model's held-out figures as gauges.
+pub fn record_model_metrics(snapshot: &ModelSnapshot) {
+    let m = &snapshot.meta.metrics;
+    for (method, figures) in [("model", &m.model), ("popular", &m.popular), ("item_knn", &m.item_knn)] {
+        metrics::gauge!("recd_model_metric", "method" => method, "metric" => "hr@10").set(figures.hr);
+        metrics::gauge!("recd_model_metric", "method" => method, "metric" => "ndcg@10").set(figures.ndcg);
+    }
+}

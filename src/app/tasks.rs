@@ -1,0 +1,99 @@
+//! The background tasks of a serving process. Each is a loop around one
+//! step; a failed step is logged and tried again on the next round.
+
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+
+use super::App;
+use crate::clock::now_ms;
+use crate::recommend::FOLLOW_EVERY;
+use crate::store::Notice;
+
+/// Impressions are handed to the store this often.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Impressions older than `impressions_retention` are forgotten this often.
+const CLEANUP_EVERY: Duration = Duration::from_secs(600);
+
+pub(super) fn spawn_all(app: &App) -> Vec<JoinHandle<()>> {
+    let mut tasks = vec![
+        tokio::spawn(crate::trainer::schedule(app.clone())),
+        tokio::spawn(refresh_catalogue(app.clone())),
+        tokio::spawn(flush_impressions(app.clone())),
+        tokio::spawn(follow_events(app.clone())),
+    ];
+    if !app.store.one_process() {
+        tasks.push(tokio::spawn(listen(app.clone())));
+    }
+    tasks
+}
+
+/// Flushes impressions every `FLUSH_EVERY`, and every `CLEANUP_EVERY`
+/// forgets those older than `impressions_retention`.
+async fn flush_impressions(app: App) {
+    let mut last_cleanup = Instant::now();
+    loop {
+        tokio::time::sleep(FLUSH_EVERY).await;
+        app.flush_impressions().await;
+        if last_cleanup.elapsed() >= CLEANUP_EVERY {
+            last_cleanup = Instant::now();
+            let keep = i64::try_from(app.settings.impressions_retention.as_millis()).unwrap_or(i64::MAX);
+            match app.store.forget_impressions(now_ms().saturating_sub(keep)).await {
+                Ok(n) if n > 0 => tracing::info!(impressions = n, "old impressions forgotten"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot forget old impressions"),
+            }
+        }
+    }
+}
+
+/// Drops cached histories of users with events stored elsewhere.
+async fn follow_events(app: App) {
+    loop {
+        if let Err(e) = app.serving.histories.follow(&app.store).await {
+            tracing::debug!(error = %e, "cannot follow new events");
+        }
+        tokio::time::sleep(FOLLOW_EVERY).await;
+    }
+}
+
+/// Reads the catalogue's changes every `snapshot_poll`.
+async fn refresh_catalogue(app: App) {
+    loop {
+        tokio::time::sleep(app.settings.snapshot_poll).await;
+        if let Err(e) = app.serving.catalogue.refresh(&app.store).await {
+            tracing::debug!(error = %e, "catalogue refresh failed");
+        }
+    }
+}
+
+/// New snapshots and erasures announced by other replicas, at once.
+async fn listen(app: App) {
+    loop {
+        let heard = async {
+            let Some(mut notices) = app.store.subscribe().await? else {
+                return Ok(());
+            };
+            // Whatever was announced before we listened.
+            if let Err(e) = app.load_latest().await {
+                tracing::warn!(error = %e, "cannot load the newest snapshot");
+            }
+            loop {
+                match notices.recv().await? {
+                    Notice::Erasure(user_id) => app.serving.forget_user(&user_id),
+                    Notice::Snapshot => {
+                        if let Err(e) = app.load_latest().await {
+                            tracing::warn!(error = %e, "cannot load the newest snapshot");
+                        }
+                    }
+                }
+            }
+        };
+        let result: Result<(), crate::store::StoreError> = heard.await;
+        match result {
+            Ok(()) => return,
+            Err(e) => tracing::debug!(error = %e, "listener lost; reconnecting"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
