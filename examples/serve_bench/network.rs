@@ -3,7 +3,7 @@
 
 use clap::ValueEnum;
 use rand::Rng;
-use recd::model::snapshot::{Weights, KINDS};
+use recd::model::snapshot::Weights;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 pub enum Layout {
