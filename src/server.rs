@@ -127,8 +127,8 @@ pub fn eval(settings: &Settings, events: &Path, items: Option<&Path>, json: bool
 /// `recd train`: train once on the store's events and save the snapshot.
 pub async fn train_once(settings: &Settings) -> anyhow::Result<()> {
     let store = open_store_waiting(settings).await?;
-    let input = crate::trainer::read_training_data(&store).await?;
     let config = settings.train.clone();
+    let input = crate::trainer::read_training_data(&store, &config).await?;
     let progress = std::io::stderr().is_terminal();
     let candidate =
         tokio::task::spawn_blocking(move || crate::trainer::train_candidate(input, &config, progress)).await??;

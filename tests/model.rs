@@ -384,3 +384,71 @@ async fn recd_train_saves_a_snapshot_in_the_store() {
     assert!(snapshot.item_index("pat-0-c").is_some());
     store.close().await;
 }
+
+/// The time limit holds within an epoch: with no time at all not one
+/// optimizer step is taken, with time enough every batch of every epoch is.
+#[test]
+fn the_time_limit_is_checked_per_batch() {
+    use recd::model::data::Split;
+    use recd::model::train::train;
+    let data = Dataset::from_events(planted_shop(400, 5));
+    let split = Split::leave_one_out(&data);
+    let popularity = vec![1.0; data.items() + 1];
+    let config = |seconds: f64| TrainConfig {
+        dim: 8,
+        hidden: 8,
+        batch_size: 16,
+        max_epochs: 2,
+        patience: 10,
+        max_train_seconds: seconds,
+        ..TrainConfig::default()
+    };
+    let none = train(&data, &split.train_len, &popularity, &split.valid, &config(0.0), false)
+        .unwrap()
+        .expect("a network");
+    assert_eq!((none.epochs, none.batches), (1, 0));
+    let all = train(
+        &data,
+        &split.train_len,
+        &popularity,
+        &split.valid,
+        &config(600.0),
+        false,
+    )
+    .unwrap()
+    .expect("a network");
+    let per_epoch = recd::model::train::windows(&data, &split.train_len, 50)
+        .len()
+        .div_ceil(16);
+    assert!(per_epoch > 10, "{per_epoch} batches an epoch");
+    assert_eq!((all.epochs, all.batches), (2, 2 * per_epoch));
+}
+
+/// The evaluation ranks the whole catalogue for a fixed, seeded sample of
+/// the test users when there are more than `test_cases`.
+#[test]
+fn evaluation_samples_the_test_users() {
+    let data = Dataset::from_events(planted_shop(400, 6));
+    let config = TrainConfig {
+        dim: 8,
+        hidden: 8,
+        max_epochs: 1,
+        test_cases: 50,
+        ..TrainConfig::default()
+    };
+    let (_, report) = train_and_evaluate(&data, &config, false).unwrap();
+    assert_eq!(report.data.test_users, 50);
+    assert_eq!(report.data.users, 400);
+    let (_, again) = train_and_evaluate(&data, &config, false).unwrap();
+    assert_eq!(
+        (report.popular, report.item_knn),
+        (again.popular, again.item_knn),
+        "the same sample"
+    );
+    let all = TrainConfig {
+        test_cases: 1000,
+        ..config
+    };
+    let (_, everyone) = train_and_evaluate(&data, &all, false).unwrap();
+    assert_eq!(everyone.data.test_users, 400);
+}

@@ -40,31 +40,11 @@ impl Dataset {
     /// time keeps arrival order among equal timestamps.
     pub fn from_events(mut rows: Vec<EventRow>) -> Self {
         rows.sort_by_key(|r| r.timestamp_ms);
-        let mut item_index: HashMap<String, u32> = HashMap::new();
-        let mut user_index: HashMap<String, usize> = HashMap::new();
-        let mut data = Dataset {
-            events: rows.len(),
-            newest_ms: rows.last().map(|r| r.timestamp_ms).unwrap_or(0),
-            ..Dataset::default()
-        };
+        let mut builder = DatasetBuilder::default();
         for row in rows {
-            let item = match item_index.get(&row.item_id) {
-                Some(&i) => i,
-                None => {
-                    data.item_ids.push(row.item_id.clone());
-                    let i = data.item_ids.len() as u32;
-                    item_index.insert(row.item_id, i);
-                    i
-                }
-            };
-            let user = *user_index.entry(row.user_id.clone()).or_insert_with(|| {
-                data.user_ids.push(row.user_id);
-                data.sequences.push(Vec::new());
-                data.sequences.len() - 1
-            });
-            data.sequences[user].push(Step { item, kind: row.kind });
+            builder.push(row);
         }
-        data
+        builder.finish()
     }
 
     pub fn items(&self) -> usize {
@@ -88,6 +68,48 @@ impl Dataset {
 
     pub fn users(&self) -> usize {
         self.user_ids.len()
+    }
+}
+
+/// Builds a [`Dataset`] from events given one at a time in time order
+/// (ties in arrival order), as a store streams them: memory grows with the
+/// sequences, never with a copy of the rows.
+#[derive(Debug, Default)]
+pub struct DatasetBuilder {
+    data: Dataset,
+    item_index: HashMap<String, u32>,
+    user_index: HashMap<String, usize>,
+}
+
+impl DatasetBuilder {
+    pub fn push(&mut self, row: EventRow) {
+        let data = &mut self.data;
+        let item = match self.item_index.get(&row.item_id) {
+            Some(&i) => i,
+            None => {
+                data.item_ids.push(row.item_id.clone());
+                let i = data.item_ids.len() as u32;
+                self.item_index.insert(row.item_id, i);
+                i
+            }
+        };
+        let user = *self.user_index.entry(row.user_id.clone()).or_insert_with(|| {
+            data.user_ids.push(row.user_id);
+            data.sequences.push(Vec::new());
+            data.sequences.len() - 1
+        });
+        data.sequences[user].push(Step { item, kind: row.kind });
+        data.events += 1;
+        data.newest_ms = data.newest_ms.max(row.timestamp_ms);
+    }
+
+    /// Events pushed so far.
+    pub fn events(&self) -> usize {
+        self.data.events
+    }
+
+    pub fn finish(self) -> Dataset {
+        self.data
     }
 }
 

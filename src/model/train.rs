@@ -45,6 +45,16 @@ pub struct TrainConfig {
     pub negative_alpha: f64,
     /// Validation cases per epoch (a seeded sample when there are more).
     pub validation_cases: usize,
+    /// Test cases the model and the baselines are ranked on (a seeded
+    /// sample of the test users when there are more), and at most as many
+    /// newer cases for the gate.
+    pub test_cases: usize,
+    /// A training from the store reads the events of at most this many
+    /// days back from the newest event (`0`: no bound by time)...
+    pub window_days: f64,
+    /// ...and at most about this many of the newest events (`0`: no bound
+    /// by count). `recd eval` reads its whole file.
+    pub window_events: u64,
     /// Learn to predict items the user already touched.
     pub train_on_repeats: bool,
     /// Learn a category embedding added to each item's, where the catalogue
@@ -73,6 +83,9 @@ impl Default for TrainConfig {
             negatives: 2048,
             negative_alpha: 0.5,
             validation_cases: 5_000,
+            test_cases: 20_000,
+            window_days: 365.0,
+            window_events: 1_000_000,
             train_on_repeats: false,
             categories: true,
             neighbours: 100,
@@ -93,6 +106,11 @@ impl TrainConfig {
             "dropouts must be in [0, 1)"
         );
         anyhow::ensure!(self.negatives >= 1, "negatives must be at least 1");
+        anyhow::ensure!(self.test_cases >= 1, "test_cases must be at least 1");
+        anyhow::ensure!(
+            self.window_days >= 0.0 && self.window_days.is_finite(),
+            "window_days must be 0 (no bound) or more"
+        );
         Ok(())
     }
 }
@@ -101,6 +119,8 @@ impl TrainConfig {
 pub struct Trained {
     pub weights: Weights,
     pub epochs: usize,
+    /// Optimizer steps taken, over all epochs.
+    pub batches: usize,
     pub best_validation_ndcg_full: f64,
     pub seconds: f64,
 }
@@ -179,6 +199,7 @@ pub fn train(
     let mut best: Option<(f64, Weights, usize)> = None;
     let mut since_best = 0;
     let mut epochs = 0;
+    let mut steps = 0;
     let batches_per_epoch = windows.len().div_ceil(cfg.batch_size) as u64;
     for epoch in 1..=cfg.max_epochs {
         // Shuffle, then sort within blocks of 50 batches by length, so a
@@ -192,7 +213,15 @@ pub fn train(
         let progress_bar = bar(batches_per_epoch, progress);
         progress_bar.set_message(format!("epoch {epoch}"));
         let mut loss_sum = 0.0;
+        let mut out_of_time = false;
+        let mut stepped = 0;
         for seqs in &batches {
+            // The time limit holds within an epoch too: a long epoch on a
+            // large window stops where the budget ends.
+            if started.elapsed() > budget {
+                out_of_time = true;
+                break;
+            }
             let batch = Batch::new(seqs, cfg.train_on_repeats);
             if batch.targets.is_empty() {
                 progress_bar.inc(1);
@@ -203,11 +232,13 @@ pub fn train(
                 None => net.full_loss(&batch, &drop, &mut rng)?,
             };
             opt.backward_step(&loss)?;
+            stepped += 1;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             progress_bar.inc(1);
         }
         progress_bar.finish_and_clear();
         epochs = epoch;
+        steps += stepped;
         let weights = net.weights()?;
         let m = if valid.is_empty() {
             metrics::Metrics::default()
@@ -220,7 +251,8 @@ pub fn train(
         let score = m.ndcg_full;
         tracing::info!(
             epoch,
-            loss = loss_sum / batches.len().max(1) as f64,
+            loss = loss_sum / stepped.max(1) as f64,
+            batches = stepped,
             validation_ndcg = m.ndcg,
             validation_ndcg_full = score,
             seconds = started.elapsed().as_secs_f64(),
@@ -233,7 +265,7 @@ pub fn train(
             best = Some((score, weights, epoch));
         }
         since_best = if improved { 0 } else { since_best + 1 };
-        if since_best >= cfg.patience || started.elapsed() > budget {
+        if out_of_time || since_best >= cfg.patience || started.elapsed() > budget {
             break;
         }
     }
@@ -241,6 +273,7 @@ pub fn train(
     Ok(Some(Trained {
         weights,
         epochs,
+        batches: steps,
         best_validation_ndcg_full,
         seconds: started.elapsed().as_secs_f64(),
     }))

@@ -11,7 +11,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Connection, PgPool, Row, SqlitePool};
 
-use crate::domain::{EventRow, Item, NewEvent};
+use crate::domain::{Item, NewEvent};
 
 static PG_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -375,12 +375,6 @@ impl Store {
     pub async fn count_events(&self) -> Result<i64> {
         let n = on_pool!(self, pool => sqlx::query_scalar("SELECT COUNT(*) FROM events").fetch_one(pool).await?);
         Ok(n)
-    }
-
-    /// Every event as the model reads it, in time order (ties in arrival
-    /// order).
-    pub async fn training_events(&self) -> Result<Vec<EventRow>> {
-        self.training_events_upto(i64::MAX).await
     }
 
     /// Stores a snapshot and forgets all but the newest `keep`.

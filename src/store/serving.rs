@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use sqlx::Row;
 
 use super::{Result, Store};
@@ -132,26 +133,55 @@ impl Store {
         Ok(n)
     }
 
-    /// Every event up to arrival number `max_seq`, as the model reads them,
-    /// in time order (ties in arrival order).
+    /// Every event that arrived up to `max_seq`, in time order (ties in
+    /// arrival order), all at once: for small stores and tests; training
+    /// streams its window with `training_window`.
     pub async fn training_events_upto(&self, max_seq: i64) -> Result<Vec<EventRow>> {
-        let rows = on_pool!(self, pool => {
-            sqlx::query_as::<_, (String, String, i16, i64)>(
-                "SELECT user_id, item_id, kind, ts FROM events WHERE seq <= $1 ORDER BY ts, seq",
+        self.training_window(max_seq, i64::MIN).try_collect().await
+    }
+
+    /// The events of a training window in time order (ties in arrival
+    /// order): arrivals up to `max_seq` with a timestamp from `since_ms`. A
+    /// stream, so the reader holds one row at a time.
+    pub fn training_window(&self, max_seq: i64, since_ms: i64) -> BoxStream<'_, Result<EventRow>> {
+        const SELECT: &str =
+            "SELECT user_id, item_id, kind, ts FROM events WHERE seq <= $1 AND ts >= $2 ORDER BY ts, seq";
+        on_pool!(self, pool => sqlx::query_as::<_, (String, String, i16, i64)>(SELECT)
+            .bind(max_seq)
+            .bind(since_ms)
+            .fetch(pool)
+            .map(|row| {
+                let (user_id, item_id, kind, timestamp_ms) = row?;
+                Ok(EventRow {
+                    user_id,
+                    item_id,
+                    kind: kind as u8,
+                    timestamp_ms,
+                })
+            })
+            .boxed())
+    }
+
+    /// The newest timestamp among arrivals up to `max_seq`, and the
+    /// timestamp of the `n`-th newest of them (0: the newest), if there are
+    /// that many: where a window of the newest events starts.
+    pub async fn newest_timestamps(&self, max_seq: i64, n: u64) -> Result<(Option<i64>, Option<i64>)> {
+        let offset = i64::try_from(n).unwrap_or(i64::MAX);
+        let (newest, nth) = on_pool!(self, pool => {
+            let newest: Option<i64> = sqlx::query_scalar("SELECT MAX(ts) FROM events WHERE seq <= $1")
+                .bind(max_seq)
+                .fetch_one(pool)
+                .await?;
+            let nth: Option<i64> = sqlx::query_scalar(
+                "SELECT ts FROM events WHERE seq <= $1 ORDER BY ts DESC, seq DESC LIMIT 1 OFFSET $2",
             )
             .bind(max_seq)
-            .fetch_all(pool)
-            .await?
+            .bind(offset)
+            .fetch_optional(pool)
+            .await?;
+            (newest, nth)
         });
-        Ok(rows
-            .into_iter()
-            .map(|(user_id, item_id, kind, timestamp_ms)| EventRow {
-                user_id,
-                item_id,
-                kind: kind as u8,
-                timestamp_ms,
-            })
-            .collect())
+        Ok((newest, nth))
     }
 
     /// Interactions per item with a timestamp at or after `since_ms`, each

@@ -4,8 +4,11 @@
 //! its own holdout: most-popular always, item-kNN once a model is served
 //! (the first model of a shop may only match popularity).
 
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
 use super::Candidate;
-use crate::model::data::Case;
+use crate::model::data::{sample_cases, Case};
 use crate::model::{self, ModelSnapshot, Split, TrainConfig};
 
 /// The gate's settings.
@@ -30,7 +33,7 @@ impl Gate {
     /// `min_cases` of them; else against the baselines.
     pub fn judge(&self, candidate: &Candidate, served: Option<&ModelSnapshot>, config: &TrainConfig) -> Verdict {
         if let Some(served) = served {
-            let newer = newer_cases(candidate, served);
+            let newer = newer_cases(candidate, served, config);
             if newer.len() >= self.min_cases {
                 let (cand, old) = head_to_head(candidate, served, &newer, config);
                 return self.against_served(cand, old, newer.len());
@@ -79,17 +82,19 @@ impl Gate {
 }
 
 /// The held-out cases of users whose newest event is newer than the served
-/// model's data.
-fn newer_cases(candidate: &Candidate, served: &ModelSnapshot) -> Vec<Case> {
+/// model's data: at most `test_cases` of them, a seeded sample.
+fn newer_cases(candidate: &Candidate, served: &ModelSnapshot, config: &TrainConfig) -> Vec<Case> {
     let data = &candidate.data;
-    Split::leave_one_out(data)
+    let newer: Vec<Case> = Split::leave_one_out(data)
         .test
         .into_iter()
         .filter(|c| {
             let user = &data.user_ids[c.user as usize];
             candidate.last_ts.get(user).copied().unwrap_or(0) > served.meta.cutoff_ms
         })
-        .collect()
+        .collect();
+    let mut rng = StdRng::seed_from_u64(config.seed ^ 0x6a7e);
+    sample_cases(&newer, config.test_cases, &mut rng)
 }
 
 /// NDCG@10 of the candidate and of the served model on `cases`. The served

@@ -4,35 +4,79 @@
 
 use std::collections::HashMap;
 
+use futures::StreamExt;
+
 use super::{Gate, Outcome, Verdict};
 use crate::app::App;
 use crate::clock::now_ms;
-use crate::domain::EventRow;
+use crate::model::data::DatasetBuilder;
 use crate::model::{self, Dataset, EvalReport, ModelSnapshot, TrainConfig};
 use crate::store::Store;
+
+const DAY_MS: f64 = 86_400_000.0;
 
 /// Snapshots kept in the store; older ones are deleted.
 pub const SNAPSHOTS_KEPT: i64 = 5;
 
-/// What a training reads from the store.
+/// What a training reads from the store: its window of events as
+/// sequences, each user's newest event time, the items' categories.
 pub struct TrainingData {
-    /// The newest arrival number among `rows`: later arrivals are the new
-    /// events the next training waits for.
+    /// The newest arrival number read: later arrivals are the new events
+    /// the next training waits for.
     pub max_seq: i64,
-    pub rows: Vec<EventRow>,
+    pub data: Dataset,
+    /// Each user's newest event time in the window.
+    pub last_ts: HashMap<String, i64>,
     /// Item id -> its first category.
     pub categories: HashMap<String, String>,
 }
 
-/// Reads every event up to the newest arrival, and the item categories.
-pub async fn read_training_data(store: &Store) -> anyhow::Result<TrainingData> {
+/// Streams the training window from the store: the events of at most
+/// `window_days` before the newest one, and about the newest
+/// `window_events` of them (`0`: no bound of that kind). Memory is bounded
+/// by the window, never by the table.
+pub async fn read_training_data(store: &Store, config: &TrainConfig) -> anyhow::Result<TrainingData> {
     let max_seq = store.max_event_seq().await?;
-    let rows = store.training_events_upto(max_seq).await?;
-    let categories = store.primary_categories().await?;
+    let (newest, nth) = store
+        .newest_timestamps(max_seq, config.window_events.saturating_sub(1))
+        .await?;
+    let mut since = i64::MIN;
+    if let (Some(newest), true) = (newest, config.window_days > 0.0) {
+        since = newest.saturating_sub((config.window_days * DAY_MS) as i64);
+    }
+    if let (Some(nth), true) = (nth, config.window_events > 0) {
+        since = since.max(nth);
+    }
+    let mut builder = DatasetBuilder::default();
+    let mut last_ts = HashMap::new();
+    let mut rows = store.training_window(max_seq, since);
+    while let Some(row) = rows.next().await {
+        let row = row?;
+        match last_ts.get_mut(&row.user_id) {
+            Some(ts) => *ts = row.timestamp_ms,
+            None => {
+                last_ts.insert(row.user_id.clone(), row.timestamp_ms);
+            }
+        }
+        builder.push(row);
+    }
+    drop(rows);
+    let data = builder.finish();
+    metrics::gauge!("recd_training_window_events").set(data.events as f64);
+    if let (Some(newest), true) = (newest, since > i64::MIN) {
+        metrics::gauge!("recd_training_window_days").set((newest - since) as f64 / DAY_MS);
+    }
+    tracing::info!(
+        events = data.events,
+        users = data.users(),
+        items = data.items(),
+        "training window read"
+    );
     Ok(TrainingData {
         max_seq,
-        rows,
-        categories,
+        data,
+        last_ts,
+        categories: store.primary_categories().await?,
     })
 }
 
@@ -47,11 +91,15 @@ pub struct Candidate {
 
 /// Trains and evaluates (CPU work: call on a blocking thread).
 pub fn train_candidate(input: TrainingData, config: &TrainConfig, progress: bool) -> anyhow::Result<Candidate> {
-    let last_ts = last_event_times(&input.rows);
-    let mut data = Dataset::from_events(input.rows);
-    data.set_categories(&input.categories);
+    let TrainingData {
+        max_seq,
+        mut data,
+        last_ts,
+        categories,
+    } = input;
+    data.set_categories(&categories);
     let (mut snapshot, report) = model::train_and_evaluate(&data, config, progress)?;
-    snapshot.meta.last_seq = input.max_seq;
+    snapshot.meta.last_seq = max_seq;
     Ok(Candidate {
         snapshot,
         report,
@@ -79,7 +127,7 @@ pub async fn save_snapshot(store: &Store, snapshot: &ModelSnapshot) -> anyhow::R
 /// Trains on the store's events, gates the candidate against the served
 /// model, and publishes it when the gate accepts it.
 pub(super) async fn train_and_gate(app: &App) -> anyhow::Result<Outcome> {
-    let input = read_training_data(&app.store).await?;
+    let input = read_training_data(&app.store, &app.settings.train).await?;
     let served = app.serving.model();
     let mut config = app.settings.train.clone();
     if served.is_none() {
@@ -114,13 +162,4 @@ pub(super) async fn train_and_gate(app: &App) -> anyhow::Result<Outcome> {
             Ok(Outcome::Published { version, why })
         }
     }
-}
-
-/// Each user's last event time, from rows in time order.
-fn last_event_times(rows: &[EventRow]) -> HashMap<String, i64> {
-    let mut last = HashMap::new();
-    for row in rows {
-        last.insert(row.user_id.clone(), row.timestamp_ms);
-    }
-    last
 }

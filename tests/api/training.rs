@@ -2,7 +2,9 @@
 //! catalogue's categories, become a model whose snapshot, saved in the store
 //! and loaded back, scores the same.
 
+use recd::domain::{EventType, NewEvent};
 use recd::model::{train_and_evaluate, Dataset, ModelSnapshot, TrainConfig};
+use recd::trainer::read_training_data;
 use serde_json::{json, Value};
 
 use crate::helpers::TestApp;
@@ -45,7 +47,7 @@ async fn events_train_into_a_snapshot_that_loads_back(app: TestApp) {
     assert_eq!(primary["a"], "shoes");
     assert_eq!(primary["b"], "socks");
 
-    let rows = app.store.training_events().await.unwrap();
+    let rows = app.store.training_events_upto(i64::MAX).await.unwrap();
     assert_eq!(rows.len(), 160);
     let config = TrainConfig {
         dim: 8,
@@ -78,4 +80,94 @@ async fn events_train_into_a_snapshot_that_loads_back(app: TestApp) {
     assert_eq!(loaded.item_ids, snapshot.item_ids);
 }
 
-crate::both_stores!(events_train_into_a_snapshot_that_loads_back);
+const DAY_MS: i64 = 86_400_000;
+
+/// The training window, streamed from the store, holds the same sequences
+/// as reading every event at once; bounded by count or by age, it keeps the
+/// newest events.
+async fn the_training_window_is_streamed_and_bounded(app: TestApp) {
+    // 30 shoppers with one view a day for ten days; the newest day is today.
+    let first_day = chrono::Utc::now().timestamp_millis() - 9 * DAY_MS;
+    let mut events = Vec::new();
+    for day in 0..10 {
+        for u in 0..30 {
+            events.push(NewEvent {
+                event_id: Some(format!("e-{u}-{day}")),
+                user_id: format!("u{u}"),
+                item_id: format!("i{}", (u * 7 + day * 3) % 50),
+                kind: EventType::View,
+                value: None,
+                ts: first_day + day as i64 * DAY_MS + u as i64,
+                session_id: None,
+                recommendation_id: None,
+            });
+        }
+    }
+    // Stored out of time order: the window is read in time order anyway.
+    events.reverse();
+    app.store.insert_events(&events, first_day).await.unwrap();
+
+    let every = Dataset::from_events(app.store.training_events_upto(i64::MAX).await.unwrap());
+    let unbounded = TrainConfig {
+        window_days: 0.0,
+        window_events: 0,
+        ..TrainConfig::default()
+    };
+    let read = read_training_data(&app.store, &unbounded).await.unwrap();
+    assert_eq!(read.data.events, 300);
+    assert_eq!(read.data.sequences, every.sequences);
+    assert_eq!(read.data.user_ids, every.user_ids);
+    assert_eq!(read.data.item_ids, every.item_ids);
+    assert_eq!(read.data.newest_ms, every.newest_ms);
+    assert_eq!(read.last_ts.len(), 30);
+    assert_eq!(read.last_ts["u3"], first_day + 9 * DAY_MS + 3);
+
+    // The newest 60 events: the last two days of each shopper.
+    let by_count = TrainConfig {
+        window_events: 60,
+        ..unbounded.clone()
+    };
+    let read = read_training_data(&app.store, &by_count).await.unwrap();
+    assert_eq!(read.data.events, 60);
+    assert!(read.data.sequences.iter().all(|s| s.len() == 2));
+    let tail: Vec<_> = every.sequences.iter().map(|s| &s[8..]).collect();
+    let mapped: Vec<Vec<String>> = read
+        .data
+        .sequences
+        .iter()
+        .map(|s| {
+            s.iter()
+                .map(|step| read.data.item_ids[step.item as usize - 1].clone())
+                .collect()
+        })
+        .collect();
+    let expected: Vec<Vec<String>> = tail
+        .iter()
+        .map(|s| {
+            s.iter()
+                .map(|step| every.item_ids[step.item as usize - 1].clone())
+                .collect()
+        })
+        .collect();
+    assert_eq!(mapped, expected);
+
+    // 3.5 days back from the newest event: days 6 to 9.
+    let by_age = TrainConfig {
+        window_days: 3.5,
+        ..unbounded.clone()
+    };
+    let read = read_training_data(&app.store, &by_age).await.unwrap();
+    assert_eq!(read.data.events, 120);
+    // Both bounds: the tighter one holds.
+    let both = TrainConfig {
+        window_days: 3.5,
+        window_events: 90,
+        ..unbounded
+    };
+    assert_eq!(read_training_data(&app.store, &both).await.unwrap().data.events, 90);
+}
+
+crate::both_stores!(
+    events_train_into_a_snapshot_that_loads_back,
+    the_training_window_is_streamed_and_bounded
+);
