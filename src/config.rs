@@ -53,6 +53,18 @@ pub struct Settings {
     /// The window of the cold-start popular list; `None` when `0` (all).
     #[serde(deserialize_with = "optional_duration")]
     pub popular_window: Option<Duration>,
+    /// Popular lists are recomputed in the background this often when new
+    /// events arrived.
+    #[serde(deserialize_with = "duration")]
+    pub popular_refresh: Duration,
+    /// The shop statistics (RFM cuts, usual gap) and the warming list count
+    /// the events of this window back from the newest; `None` when `0`.
+    #[serde(deserialize_with = "optional_duration")]
+    pub stats_window: Option<Duration>,
+    /// The shop statistics are recomputed in the background this often when
+    /// new events arrived.
+    #[serde(deserialize_with = "duration")]
+    pub stats_refresh: Duration,
     /// Impressions (one row per recommendations response) are kept this
     /// long; click-through figures cover this window.
     #[serde(deserialize_with = "duration")]

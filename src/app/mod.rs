@@ -33,7 +33,8 @@ pub struct Inner {
     /// The served model, the catalogue filters, cached user states.
     pub serving: Arc<Serving>,
     pub trainer: Trainer,
-    /// The shop-wide figures profiles are scored against.
+    /// The shop-wide figures profiles are scored against, made in the
+    /// background.
     shop_stats: ShopStatsCache,
     /// The background tasks, once started; taken (and aborted) by `stop`.
     tasks: Mutex<Option<Vec<JoinHandle<()>>>>,
@@ -67,6 +68,12 @@ impl App {
         }));
         app.load_latest().await?;
         app.serving.catalogue.refresh(&app.store).await?;
+        // The cold-start list is ready before the first request; the shop
+        // statistics follow in the background.
+        app.serving
+            .popular
+            .refresh(&app.store, app.settings.popular_window)
+            .await?;
         if app.store.one_process() {
             // A run left `running` died with the process before this one.
             app.store.abandon_trainings(now_ms()).await?;
@@ -122,7 +129,11 @@ impl App {
         };
         let app = self.clone();
         let warming = tokio::spawn(async move {
-            let info = app.serving.warm(&app.store, &model, app.settings.warm_users).await;
+            let since = app.stats_since().await;
+            let info = app
+                .serving
+                .warm(&app.store, &model, app.settings.warm_users, since)
+                .await;
             metrics::gauge!("recd_warmed_users").set(info.users as f64);
             match info.error {
                 None => tracing::info!(
@@ -140,6 +151,16 @@ impl App {
         }
     }
 
+    /// Where `stats_window` starts: that long before the newest event.
+    async fn stats_since(&self) -> i64 {
+        match (self.settings.stats_window, self.store.newest_event_ms().await) {
+            (Some(window), Ok(Some(newest))) => {
+                newest.saturating_sub(i64::try_from(window.as_millis()).unwrap_or(i64::MAX))
+            }
+            _ => i64::MIN,
+        }
+    }
+
     /// Hands the impressions counted so far to the store (they are kept for
     /// the next try when it cannot take them).
     pub async fn flush_impressions(&self) {
@@ -153,10 +174,45 @@ impl App {
         }
     }
 
-    /// The shop-wide figures profiles are scored against, computed at most
-    /// once a minute. A store error is a `StoreError` inside the `anyhow`.
-    pub async fn shop_stats(&self) -> anyhow::Result<Arc<ShopStats>> {
-        self.shop_stats.get(&self.store).await
+    /// The shop-wide figures profiles are scored against, as last computed
+    /// in the background: never waits for a scan.
+    pub fn shop_stats(&self) -> Arc<ShopStats> {
+        self.shop_stats.get()
+    }
+
+    /// One step of the shop statistics' background task: recomputes them
+    /// over `stats_window` when events arrived since they were (or always,
+    /// with `force`).
+    pub async fn refresh_shop_stats(&self, force: bool) -> anyhow::Result<()> {
+        self.shop_stats.refresh(&self.store, self.stats_since(), force).await
+    }
+
+    /// One step of the popular lists' background task: recomputes the
+    /// lists that count fewer events than the store holds.
+    pub async fn refresh_popular(&self) -> anyhow::Result<()> {
+        let newest = self.store.max_event_seq().await?;
+        for window in self.serving.popular.stale(newest) {
+            let started = std::time::Instant::now();
+            self.serving.popular.refresh(&self.store, window).await?;
+            metrics::histogram!("recd_popular_refresh_seconds").record(started.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+
+    /// Brings every figure made in the background up to the store's events
+    /// now (what the background tasks do within `stats_refresh` and
+    /// `popular_refresh`): for tests, and for a caller that just imported.
+    pub async fn refresh_figures(&self) -> anyhow::Result<()> {
+        self.refresh_shop_stats(false).await?;
+        self.refresh_popular().await
+    }
+
+    /// Keeps shop statistics computed meanwhile from being published while
+    /// the guard lives: tests use it to see what requests answer during a
+    /// refresh.
+    #[doc(hidden)]
+    pub async fn hold_shop_stats(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.shop_stats.hold().await
     }
 }
 

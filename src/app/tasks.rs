@@ -21,6 +21,8 @@ pub(super) fn spawn_all(app: &App) -> Vec<JoinHandle<()>> {
         tokio::spawn(refresh_catalogue(app.clone())),
         tokio::spawn(flush_impressions(app.clone())),
         tokio::spawn(follow_events(app.clone())),
+        tokio::spawn(refresh_shop_stats(app.clone())),
+        tokio::spawn(refresh_popular(app.clone())),
     ];
     if !app.store.one_process() {
         tasks.push(tokio::spawn(listen(app.clone())));
@@ -54,6 +56,29 @@ async fn follow_events(app: App) {
             tracing::debug!(error = %e, "cannot follow new events");
         }
         tokio::time::sleep(FOLLOW_EVERY).await;
+    }
+}
+
+/// The shop statistics, at once and then every `stats_refresh` when new
+/// events arrived.
+async fn refresh_shop_stats(app: App) {
+    loop {
+        if let Err(e) = app.refresh_shop_stats(false).await {
+            metrics::counter!("recd_background_failures_total", "task" => "shop_stats").increment(1);
+            tracing::warn!(error = %e, "cannot refresh the shop statistics");
+        }
+        tokio::time::sleep(app.settings.stats_refresh).await;
+    }
+}
+
+/// The popular lists, every `popular_refresh` when new events arrived.
+async fn refresh_popular(app: App) {
+    loop {
+        tokio::time::sleep(app.settings.popular_refresh).await;
+        if let Err(e) = app.refresh_popular().await {
+            metrics::counter!("recd_background_failures_total", "task" => "popular").increment(1);
+            tracing::warn!(error = %e, "cannot refresh the popular lists");
+        }
     }
 }
 

@@ -66,9 +66,6 @@ async fn ingest(State(state): State<AppState>, body: Result<Bytes, BytesRejectio
         .serving
         .histories
         .invalidate(valid.iter().map(|e| e.user_id.as_str()));
-    if accepted > 0 {
-        state.serving.popular.invalidate();
-    }
     let duplicates = valid.len() as u64 - accepted;
     metrics::counter!("recd_events_accepted_total").increment(accepted);
     metrics::counter!("recd_events_duplicate_total").increment(duplicates);

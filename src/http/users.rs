@@ -16,7 +16,6 @@ pub(super) fn router() -> Router<AppState> {
 async fn erase(State(state): State<AppState>, Path(user_id): Path<String>) -> ApiResult<Json<Value>> {
     let deleted = state.store.delete_user(&user_id).await?;
     state.serving.forget_user(&user_id);
-    state.serving.popular.invalidate();
     tracing::info!(deleted_events = deleted, "user erased");
     Ok(Json(json!({"deleted_events": deleted})))
 }

@@ -207,6 +207,7 @@ impl Serving {
         self.erasures.fetch_add(1, Ordering::SeqCst);
         self.histories.invalidate([user_id]);
         self.states.remove(user_id);
+        self.popular.mark_stale();
     }
 }
 

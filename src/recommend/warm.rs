@@ -54,10 +54,16 @@ impl Serving {
     }
 
     /// Makes the states of up to `users` of the most recently active users
-    /// under `model`, stopping early when another model is served or the
-    /// events read would crowd the history cache. Records the outcome for
-    /// `warm_info` and returns it.
-    pub async fn warm(self: &Arc<Self>, store: &Store, model: &Arc<ModelSnapshot>, users: usize) -> WarmInfo {
+    /// (among those with events from `since_ms` on) under `model`, stopping
+    /// early when another model is served or the events read would crowd
+    /// the history cache. Records the outcome for `warm_info` and returns it.
+    pub async fn warm(
+        self: &Arc<Self>,
+        store: &Store,
+        model: &Arc<ModelSnapshot>,
+        users: usize,
+        since_ms: i64,
+    ) -> WarmInfo {
         let started = Instant::now();
         let mut info = WarmInfo {
             state: if users == 0 || model.weights.is_none() {
@@ -72,7 +78,7 @@ impl Serving {
         if info.state == WarmState::Off {
             return info;
         }
-        match self.warm_users(store, model, users, &mut info).await {
+        match self.warm_users(store, model, (users, since_ms), &mut info).await {
             Ok(()) => info.state = WarmState::Done,
             Err(e) => {
                 info.state = WarmState::Failed;
@@ -88,10 +94,10 @@ impl Serving {
         self: &Arc<Self>,
         store: &Store,
         model: &Arc<ModelSnapshot>,
-        users: usize,
+        (users, since_ms): (usize, i64),
         info: &mut WarmInfo,
     ) -> anyhow::Result<()> {
-        let ids = store.recently_active_users(users as i64).await?;
+        let ids = store.recently_active_users(users as i64, since_ms).await?;
         let mut events_read = 0u64;
         for chunk in ids.chunks(CHUNK_USERS) {
             if !self.serves(model) || events_read >= CAPACITY_EVENTS / 2 {

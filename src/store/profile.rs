@@ -24,7 +24,7 @@ use crate::domain::{EventType, RfmCuts, ShopStats};
 const SHOP_STATS: &str = "
 WITH sessionless AS (
     SELECT user_id, ts, seq, ts - LAG(ts) OVER (PARTITION BY user_id ORDER BY ts, seq) AS since_prev
-    FROM events WHERE session_id IS NULL
+    FROM events WHERE session_id IS NULL AND ts >= $4
 ),
 numbered AS (
     SELECT user_id, ts,
@@ -34,7 +34,7 @@ numbered AS (
 ),
 sessions AS (
     SELECT user_id, MIN(ts) AS start_ts, MAX(ts) AS end_ts FROM events
-    WHERE session_id IS NOT NULL GROUP BY user_id, session_id
+    WHERE session_id IS NOT NULL AND ts >= $4 GROUP BY user_id, session_id
     UNION ALL
     SELECT user_id, MIN(ts), MAX(ts) FROM numbered GROUP BY user_id, session_no
 ),
@@ -65,7 +65,7 @@ ranked_usual AS (
 per_user AS (
     SELECT user_id, MAX(ts) AS last_ts,
            CAST(SUM(CASE WHEN kind = $3 THEN COALESCE(value, 0) ELSE 0 END) AS DOUBLE PRECISION) AS spend
-    FROM events GROUP BY user_id
+    FROM events WHERE ts >= $4 GROUP BY user_id
 ),
 session_counts AS (
     SELECT user_id, COUNT(*) AS sessions FROM sessions GROUP BY user_id
@@ -120,18 +120,20 @@ impl Store {
     }
 
     /// The shop-wide figures profiles are scored against: RFM quintile cuts
-    /// over all users and the median usual gap between sessions. One pass
-    /// over every event: cache the result rather than call it per request.
+    /// over the users with events from `since_ms` on, and the median usual
+    /// gap between their sessions. One pass over those events: compute it
+    /// in the background, never per request.
     ///
     /// `session_gap_ms`: events further apart than this (without session
     /// ids) are two sessions; `min_usual_gap_ms`: the least a user's usual
     /// gap can be. The profile's rules own both numbers.
-    pub async fn shop_stats(&self, session_gap_ms: i64, min_usual_gap_ms: f64) -> Result<ShopStats> {
+    pub async fn shop_stats(&self, session_gap_ms: i64, min_usual_gap_ms: f64, since_ms: i64) -> Result<ShopStats> {
         let rows = on_pool!(self, pool => {
             sqlx::query_as::<_, (Option<i64>, Option<i64>, Option<f64>, Option<f64>)>(SHOP_STATS)
                 .bind(session_gap_ms)
                 .bind(min_usual_gap_ms)
                 .bind(EventType::Purchase.code())
+                .bind(since_ms)
                 .fetch_all(pool)
                 .await?
         });

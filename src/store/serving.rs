@@ -39,12 +39,15 @@ impl Store {
             .collect())
     }
 
-    /// Up to `limit` users, the most recently active first (by their newest
-    /// event's timestamp).
-    pub async fn recently_active_users(&self, limit: i64) -> Result<Vec<String>> {
-        const SELECT: &str = "SELECT user_id FROM events GROUP BY user_id ORDER BY MAX(ts) DESC, user_id LIMIT $1";
+    /// Up to `limit` users with events from `since_ms` on, the most recently
+    /// active first (by their newest event's timestamp). Reads the events
+    /// of that window only.
+    pub async fn recently_active_users(&self, limit: i64, since_ms: i64) -> Result<Vec<String>> {
+        const SELECT: &str =
+            "SELECT user_id FROM events WHERE ts >= $2 GROUP BY user_id ORDER BY MAX(ts) DESC, user_id LIMIT $1";
         let users = on_pool!(self, pool => sqlx::query_scalar::<_, String>(SELECT)
             .bind(limit)
+            .bind(since_ms)
             .fetch_all(pool)
             .await?);
         Ok(users)

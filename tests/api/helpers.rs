@@ -27,6 +27,9 @@ pub struct TestApp {
     pub database_url: String,
     pub client: reqwest::Client,
     pub store: Store,
+    /// The app the server serves (the same one, not a copy): tests drive
+    /// its background steps instead of sleeping.
+    pub app: App,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
     _dir: Option<tempfile::TempDir>,
@@ -61,6 +64,12 @@ impl TestApp {
 
     pub async fn delete(&self, path: &str) -> reqwest::Response {
         self.client.delete(self.at(path)).send().await.expect("request sent")
+    }
+
+    /// Brings the figures the app makes in the background (shop
+    /// statistics, popular lists) up to the events stored so far.
+    pub async fn refresh_figures(&self) {
+        self.app.refresh_figures().await.expect("figures refreshed");
     }
 
     /// Stops the server and hands over its SQLite folder (if any), so that
@@ -178,18 +187,22 @@ pub async fn start(settings: Settings, dir: Option<tempfile::TempDir>) -> TestAp
     let listener = tokio::net::TcpListener::bind(settings.listen).await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("address"));
     let app = App::open(store.clone(), settings).await.expect("app opens");
+    let served = app.clone();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         let shutdown = async {
             let _ = stopped.await;
         };
-        recd::server::serve(listener, app, shutdown).await.expect("server runs");
+        recd::server::serve(listener, served, shutdown)
+            .await
+            .expect("server runs");
     });
     TestApp {
         url,
         database_url,
         client: reqwest::Client::new(),
         store,
+        app,
         stop: Some(stop),
         server: Some(server),
         _dir: dir,

@@ -34,7 +34,10 @@ async fn post_events(app: &TestApp, events: Vec<Value>) {
     assert_eq!(reply["accepted"], count, "{reply}");
 }
 
+/// The user's profile, scored against shop figures that count every event
+/// posted so far.
 async fn profile_of(app: &TestApp, user: &str) -> Value {
+    app.refresh_figures().await;
     let response = app.get(&format!("/v1/users/{user}/profile")).await;
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
@@ -162,7 +165,7 @@ async fn counts_sessions_spend_and_categories(app: TestApp) {
     // The store's aggregate query cuts the same sessions and gaps.
     let shop = app
         .store
-        .shop_stats(recd::profile::SESSION_GAP_MS, recd::profile::MIN_USUAL_GAP_MS)
+        .shop_stats(recd::profile::SESSION_GAP_MS, recd::profile::MIN_USUAL_GAP_MS, i64::MIN)
         .await
         .unwrap();
     let last = parse_timestamp("2025-01-03T12:10:00Z").unwrap();
@@ -253,7 +256,7 @@ async fn churn_rfm_and_segments_are_relative_to_the_shop(app: TestApp) {
 
     let shop = app
         .store
-        .shop_stats(recd::profile::SESSION_GAP_MS, recd::profile::MIN_USUAL_GAP_MS)
+        .shop_stats(recd::profile::SESSION_GAP_MS, recd::profile::MIN_USUAL_GAP_MS, i64::MIN)
         .await
         .unwrap();
     assert_eq!(
@@ -265,6 +268,64 @@ async fn churn_rfm_and_segments_are_relative_to_the_shop(app: TestApp) {
         })
     );
     assert_eq!(shop.usual_gap_ms, Some(10.5 * DAY as f64));
+    // A window from day 30 on: "gone" (last seen on day 20) is not counted.
+    let recent = app
+        .store
+        .shop_stats(recd::profile::SESSION_GAP_MS, recd::profile::MIN_USUAL_GAP_MS, at(30))
+        .await
+        .unwrap();
+    assert_eq!(
+        recent.rfm_cuts.unwrap().last_seen_ms,
+        [at(38), at(39), at(40), at(40) + 10 * MINUTE]
+    );
+}
+
+/// Shop statistics are made in the background: while a refresh is held
+/// open, profiles answer at once from the figures before it; once it is
+/// published they use the new ones.
+async fn a_refresh_held_open_does_not_delay_profiles(app: TestApp) {
+    let day0 = parse_timestamp("2025-06-01T12:00:00Z").unwrap();
+    let buy =
+        |user: &str, day: i64, value: f64| event(user, "item", "purchase", day0 + day * DAY, json!({"value": value}));
+    post_events(
+        &app,
+        vec![buy("ann", 1, 10.0), buy("ben", 2, 20.0), buy("cat", 3, 30.0)],
+    )
+    .await;
+    let before = profile_of(&app, "cat").await;
+    assert_eq!(before["rfm"]["monetary"], 4, "the biggest spender of three");
+
+    // Twelve bigger spenders arrive; their refresh is computed but held.
+    post_events(
+        &app,
+        (0..12).map(|u| buy(&format!("big-{u}"), 4, 100.0 + u as f64)).collect(),
+    )
+    .await;
+    let hold = app.app.hold_shop_stats().await;
+    let refresh = tokio::spawn({
+        let app = app.app.clone();
+        async move { app.refresh_shop_stats(false).await }
+    });
+    for _ in 0..3 {
+        let response = tokio::time::timeout(std::time::Duration::from_secs(10), app.get("/v1/users/cat/profile"))
+            .await
+            .expect("a profile does not wait for the refresh");
+        let during: Value = response.json().await.unwrap();
+        for score in ["recency", "frequency", "monetary"] {
+            assert_eq!(
+                during["rfm"][score], before["rfm"][score],
+                "scored by the figures before the refresh"
+            );
+        }
+    }
+    drop(hold);
+    refresh.await.unwrap().unwrap();
+    let after: Value = app.get("/v1/users/cat/profile").await.json().await.unwrap();
+    assert_eq!(
+        after["rfm"]["monetary"], 1,
+        "now among the smallest of fifteen: {}",
+        after["rfm"]
+    );
 }
 
 async fn unknown_and_erased_users_are_404(app: TestApp) {
@@ -298,6 +359,7 @@ async fn unknown_and_erased_users_are_404(app: TestApp) {
 }
 
 crate::both_stores!(
+    a_refresh_held_open_does_not_delay_profiles,
     counts_sessions_spend_and_categories,
     churn_rfm_and_segments_are_relative_to_the_shop,
     unknown_and_erased_users_are_404,

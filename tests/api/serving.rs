@@ -59,6 +59,7 @@ pub async fn seed_shop(app: &TestApp, users: usize) -> recd::demo::DemoShop {
             .unwrap();
         assert!(reply["rejected"].as_array().unwrap().is_empty(), "{reply}");
     }
+    app.refresh_figures().await;
     shop
 }
 
