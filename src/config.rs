@@ -65,6 +65,10 @@ pub struct Settings {
     /// new events arrived.
     #[serde(deserialize_with = "duration")]
     pub stats_refresh: Duration,
+    /// Events older than this before the newest event are retired in the
+    /// background (whole partitions on Postgres); `None` when `0`: kept.
+    #[serde(deserialize_with = "optional_duration")]
+    pub events_retention: Option<Duration>,
     /// Impressions (one row per recommendations response) are kept this
     /// long; click-through figures cover this window.
     #[serde(deserialize_with = "duration")]

@@ -91,6 +91,7 @@ pub fn generate(size: DemoSize, end_ms: i64) -> DemoShop {
                         kind,
                         value,
                         ts: t,
+                        timestamped: true,
                         session_id: Some(session_id.clone()),
                         recommendation_id: None,
                     });

@@ -65,6 +65,10 @@ pub struct NewEvent {
     pub value: Option<f64>,
     /// Milliseconds since the epoch, UTC.
     pub ts: i64,
+    /// Whether the sender gave `ts` (else it is the server's clock at
+    /// arrival, and a retry carries another): retries of such events are
+    /// recognised by `event_id` for 24 hours.
+    pub timestamped: bool,
     pub session_id: Option<String>,
     pub recommendation_id: Option<String>,
 }

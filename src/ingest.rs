@@ -132,6 +132,7 @@ pub fn validate_event(raw: &Value, now_ms: i64) -> Result<NewEvent, Vec<FieldErr
             kind,
             value,
             ts,
+            timestamped: !matches!(obj.get("timestamp"), None | Some(Value::Null)),
             session_id,
             recommendation_id,
         }),
@@ -258,6 +259,7 @@ impl Typed<'_> {
             kind,
             value: self.value,
             ts,
+            timestamped: self.timestamp.is_some(),
             session_id: id("session_id", self.session_id).ok()?,
             recommendation_id: id("recommendation_id", self.recommendation_id).ok()?,
         })

@@ -197,6 +197,7 @@ pub async fn prepare_synthetic(args: &Args, cache: &Path) -> anyhow::Result<Prep
                     kind: EventType::View,
                     value: None,
                     ts,
+                    timestamped: true,
                     session_id: None,
                     recommendation_id: None,
                 });

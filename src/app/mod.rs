@@ -207,6 +207,30 @@ impl App {
         self.refresh_popular().await
     }
 
+    /// One step of the retention task: retires events older than
+    /// `events_retention` before the newest event, and forgets the ids of
+    /// events sent without a timestamp once 24 hours old.
+    pub async fn retire_events(&self) -> anyhow::Result<crate::store::Retention> {
+        let before = match (self.settings.events_retention, self.store.newest_event_ms().await?) {
+            (Some(keep), Some(newest)) => {
+                Some(newest.saturating_sub(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX)))
+            }
+            _ => None,
+        };
+        let retired = self.store.retire_events(before, now_ms()).await?;
+        metrics::counter!("recd_retention_partitions_dropped_total").increment(retired.partitions);
+        metrics::counter!("recd_retention_rows_deleted_total").increment(retired.rows);
+        metrics::gauge!("recd_event_partitions").set(self.store.event_partitions().await?.len() as f64);
+        if retired.partitions > 0 || retired.rows > 0 {
+            tracing::info!(
+                partitions = retired.partitions,
+                rows = retired.rows,
+                "old events retired"
+            );
+        }
+        Ok(retired)
+    }
+
     /// Keeps shop statistics computed meanwhile from being published while
     /// the guard lives: tests use it to see what requests answer during a
     /// refresh.

@@ -12,6 +12,8 @@ use crate::store::Notice;
 
 /// Impressions are handed to the store this often.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Events past `events_retention` are retired this often.
+const RETIRE_EVERY: Duration = Duration::from_secs(600);
 /// Impressions older than `impressions_retention` are forgotten this often.
 const CLEANUP_EVERY: Duration = Duration::from_secs(600);
 
@@ -23,6 +25,7 @@ pub(super) fn spawn_all(app: &App) -> Vec<JoinHandle<()>> {
         tokio::spawn(follow_events(app.clone())),
         tokio::spawn(refresh_shop_stats(app.clone())),
         tokio::spawn(refresh_popular(app.clone())),
+        tokio::spawn(retire_events(app.clone())),
     ];
     if !app.store.one_process() {
         tasks.push(tokio::spawn(listen(app.clone())));
@@ -79,6 +82,17 @@ async fn refresh_popular(app: App) {
             metrics::counter!("recd_background_failures_total", "task" => "popular").increment(1);
             tracing::warn!(error = %e, "cannot refresh the popular lists");
         }
+    }
+}
+
+/// Retention, at start and then every `RETIRE_EVERY`.
+async fn retire_events(app: App) {
+    loop {
+        if let Err(e) = app.retire_events().await {
+            metrics::counter!("recd_background_failures_total", "task" => "retention").increment(1);
+            tracing::warn!(error = %e, "cannot retire old events");
+        }
+        tokio::time::sleep(RETIRE_EVERY).await;
     }
 }
 

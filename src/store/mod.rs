@@ -28,10 +28,12 @@ macro_rules! on_pool {
 }
 
 mod coordination;
+mod events;
 mod profile;
 mod serving;
 pub use coordination::{Locks, Notice, Notices};
 use coordination::{ERASURE_CHANNEL, SNAPSHOT_CHANNEL};
+pub use events::Retention;
 pub use serving::ITEM_SEPARATOR;
 
 #[derive(Debug, thiserror::Error)]
@@ -219,78 +221,6 @@ impl Store {
         Ok(inserted)
     }
 
-    async fn write_events(&self, events: &[NewEvent], item_ids: &[&str], now_ms: i64) -> Result<u64> {
-        match self {
-            Store::Postgres(pool) => {
-                let insert = sqlx::query(
-                    "INSERT INTO events (event_id, user_id, item_id, kind, value, ts, session_id, recommendation_id, received_at)
-                     SELECT e.*, $9 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int2[], $5::float8[], $6::int8[], $7::text[], $8::text[]) AS e
-                     ON CONFLICT (event_id) DO NOTHING",
-                )
-                .bind(events.iter().map(|e| e.event_id.as_deref()).collect::<Vec<_>>())
-                .bind(events.iter().map(|e| e.user_id.as_str()).collect::<Vec<_>>())
-                .bind(events.iter().map(|e| e.item_id.as_str()).collect::<Vec<_>>())
-                .bind(events.iter().map(|e| e.kind.code()).collect::<Vec<_>>())
-                .bind(events.iter().map(|e| e.value).collect::<Vec<_>>())
-                .bind(events.iter().map(|e| e.ts).collect::<Vec<_>>())
-                .bind(events.iter().map(|e| e.session_id.as_deref()).collect::<Vec<_>>())
-                .bind(events.iter().map(|e| e.recommendation_id.as_deref()).collect::<Vec<_>>())
-                .bind(now_ms);
-                if item_ids.is_empty() {
-                    // One statement is its own transaction: no BEGIN and
-                    // COMMIT round trips.
-                    return Ok(insert.execute(pool).await?.rows_affected());
-                }
-                let mut tx = pool.begin().await?;
-                let inserted = insert.execute(&mut *tx).await?.rows_affected();
-                sqlx::query(
-                    "INSERT INTO items (item_id, updated_at) SELECT id, $2 FROM UNNEST($1::text[]) AS id
-                     ON CONFLICT (item_id) DO NOTHING",
-                )
-                .bind(item_ids)
-                .bind(now_ms)
-                .execute(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                Ok(inserted)
-            }
-            Store::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
-                // One multi-row statement per chunk: SQLite allows 32766
-                // parameters, 9 a row.
-                let mut inserted = 0;
-                for chunk in events.chunks(1000) {
-                    let mut insert = sqlx::QueryBuilder::new(
-                        "INSERT INTO events (event_id, user_id, item_id, kind, value, ts, session_id, recommendation_id, received_at) ",
-                    );
-                    insert.push_values(chunk, |mut row, e| {
-                        row.push_bind(e.event_id.as_deref())
-                            .push_bind(&e.user_id)
-                            .push_bind(&e.item_id)
-                            .push_bind(e.kind.code())
-                            .push_bind(e.value)
-                            .push_bind(e.ts)
-                            .push_bind(e.session_id.as_deref())
-                            .push_bind(e.recommendation_id.as_deref())
-                            .push_bind(now_ms);
-                    });
-                    insert.push(" ON CONFLICT (event_id) DO NOTHING");
-                    inserted += insert.build().execute(&mut *tx).await?.rows_affected();
-                }
-                for ids in item_ids.chunks(1000) {
-                    let mut insert = sqlx::QueryBuilder::new("INSERT INTO items (item_id, updated_at) ");
-                    insert.push_values(ids, |mut row, id| {
-                        row.push_bind(*id).push_bind(now_ms);
-                    });
-                    insert.push(" ON CONFLICT (item_id) DO NOTHING");
-                    insert.build().execute(&mut *tx).await?;
-                }
-                tx.commit().await?;
-                Ok(inserted)
-            }
-        }
-    }
-
     /// Creates or replaces items (and brings deleted ones back).
     pub async fn put_items(&self, items: &[Item], now_ms: i64) -> Result<()> {
         const UPSERT: &str =
@@ -354,6 +284,11 @@ impl Store {
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
+                // The ids of their events sent without a timestamp go too.
+                sqlx::query("DELETE FROM recent_event_ids WHERE user_id = $1")
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await?;
                 sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(ERASURE_CHANNEL)
                     .bind(user_id)

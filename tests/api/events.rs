@@ -21,17 +21,32 @@ async fn accepted_and_stored_once_across_retries(app: TestApp) {
     assert_eq!(reply, json!({"accepted": 0, "duplicates": 3, "rejected": []}));
     assert_eq!(app.store.count_events().await.unwrap(), 2);
 
-    // An id seen before is a duplicate whatever its other fields say.
-    let changed = json!({"events": [{"event_id": "e2", "user_id": "u9", "item_id": "z", "type": "purchase"}]});
+    // An id the user sent before, at the same time, is a duplicate whatever
+    // its other fields say; from another user it is another event.
+    let changed = json!({"events": [{"event_id": "e2", "user_id": "u1", "item_id": "z", "type": "purchase",
+                                     "timestamp": "2024-05-01T10:00:00Z"}]});
     let reply: Value = app.post("/v1/events", &changed).await.json().await.unwrap();
     assert_eq!(reply["duplicates"], 1);
+    let other_user = json!({"events": [view("e2", "u9", "b")]});
+    let reply: Value = app.post("/v1/events", &other_user).await.json().await.unwrap();
+    assert_eq!(reply["accepted"], 1);
+    assert_eq!(app.store.count_events().await.unwrap(), 3);
+
+    // Sent without a timestamp (stamped on arrival), a retry is still
+    // recognised by its id.
+    let untimed = json!({"events": [{"event_id": "e3", "user_id": "u1", "item_id": "c", "type": "view"}]});
+    let reply: Value = app.post("/v1/events", &untimed).await.json().await.unwrap();
+    assert_eq!(reply["accepted"], 1);
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let reply: Value = app.post("/v1/events", &untimed).await.json().await.unwrap();
+    assert_eq!(reply, json!({"accepted": 0, "duplicates": 1, "rejected": []}));
 
     // Events without an id are simply stored.
     let anonymous = json!({"events": [{"user_id": "u1", "item_id": "a", "type": "click"},
                                       {"user_id": "u1", "item_id": "a", "type": "click"}]});
     let reply: Value = app.post("/v1/events", &anonymous).await.json().await.unwrap();
     assert_eq!(reply["accepted"], 2);
-    assert_eq!(app.store.count_events().await.unwrap(), 4);
+    assert_eq!(app.store.count_events().await.unwrap(), 6);
 }
 
 async fn invalid_events_are_named_and_the_rest_kept(app: TestApp) {

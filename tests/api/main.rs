@@ -9,6 +9,7 @@ mod ops;
 mod process;
 mod profile;
 mod replicas;
+mod retention;
 mod serving;
 mod store_down;
 mod training;

@@ -714,6 +714,7 @@ mod approximate {
                 kind: recd::domain::EventType::View,
                 value: None,
                 ts: now + at,
+                timestamped: true,
                 session_id: None,
                 recommendation_id: None,
             });

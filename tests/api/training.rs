@@ -98,6 +98,7 @@ async fn the_training_window_is_streamed_and_bounded(app: TestApp) {
                 kind: EventType::View,
                 value: None,
                 ts: first_day + day as i64 * DAY_MS + u as i64,
+                timestamped: true,
                 session_id: None,
                 recommendation_id: None,
             });

@@ -1,0 +1,331 @@
+//! Writing events, and retiring old ones.
+//!
+//! Idempotency is per user. On PostgreSQL the events table is partitioned
+//! by month of the events' timestamps (a partition is made for any month an
+//! event arrives for, imported history included): the same `event_id` from
+//! the same user with the same timestamp is stored once, at any age, and an
+//! event sent without a timestamp (stamped with the server's clock, so a
+//! retry carries another) is recognised by its id for 24 hours through
+//! `recent_event_ids`. On SQLite one unique key on (user, event id) holds
+//! at any age. Retention drops whole partitions on PostgreSQL and deletes
+//! rows in small batches on SQLite.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use sqlx::{PgPool, Postgres, Transaction};
+
+use super::{Result, Store};
+use crate::domain::NewEvent;
+
+/// How long the id of an event sent without a timestamp is remembered.
+pub const RECENT_IDS_MS: i64 = 24 * 3600 * 1000;
+/// Rows deleted per statement by SQLite's retention.
+const SQLITE_DELETE_BATCH: i64 = 5_000;
+
+/// The month partitions this process has made sure of, per database.
+static PARTITIONS: Mutex<Option<HashSet<(String, i64)>>> = Mutex::new(None);
+
+/// What one retention pass retired.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Partitions dropped (PostgreSQL).
+    pub partitions: u64,
+    /// Rows deleted (SQLite), or `recent_event_ids` forgotten.
+    pub rows: u64,
+}
+
+/// The first millisecond of the month (UTC) that `ts` falls in.
+fn month_start(ts: i64) -> i64 {
+    use chrono::{Datelike, TimeZone, Utc};
+    let Some(at) = Utc.timestamp_millis_opt(ts).single() else {
+        return ts;
+    };
+    Utc.with_ymd_and_hms(at.year(), at.month(), 1, 0, 0, 0)
+        .single()
+        .map_or(ts, |m| m.timestamp_millis())
+}
+
+fn database(pool: &PgPool) -> String {
+    let options = pool.connect_options();
+    format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("")
+    )
+}
+
+/// Makes the month partitions `events` need (unless this process did
+/// already; `fresh` asks again, after an insert found one missing).
+async fn ensure_partitions(pool: &PgPool, events: &[&NewEvent], fresh: bool) -> Result<()> {
+    let db = database(pool);
+    let mut months: Vec<i64> = events.iter().map(|e| month_start(e.ts)).collect();
+    months.sort_unstable();
+    months.dedup();
+    {
+        let mut known = PARTITIONS.lock().unwrap_or_else(|e| e.into_inner());
+        let known = known.get_or_insert_with(HashSet::new);
+        if fresh {
+            known.retain(|(d, _)| *d != db);
+        }
+        months.retain(|m| !known.contains(&(db.clone(), *m)));
+    }
+    if months.is_empty() {
+        return Ok(());
+    }
+    sqlx::query("SELECT recd_event_partition(m) FROM UNNEST($1::int8[]) AS m")
+        .bind(&months)
+        .execute(pool)
+        .await?;
+    let mut known = PARTITIONS.lock().unwrap_or_else(|e| e.into_inner());
+    let known = known.get_or_insert_with(HashSet::new);
+    known.extend(months.into_iter().map(|m| (db.clone(), m)));
+    Ok(())
+}
+
+/// A batch without its repeats: the first of events that are the same
+/// event (same user and id, and same timestamp when the sender gave one).
+fn without_repeats(events: &[NewEvent]) -> Vec<&NewEvent> {
+    let mut seen = HashSet::new();
+    events
+        .iter()
+        .filter(|e| match &e.event_id {
+            None => true,
+            Some(id) => seen.insert((e.user_id.as_str(), id.as_str(), e.timestamped.then_some(e.ts))),
+        })
+        .collect()
+}
+
+impl Store {
+    /// Stores events (and the items they name that `item_ids` lists) in
+    /// one transaction; returns how many were new.
+    pub(super) async fn write_events(&self, events: &[NewEvent], item_ids: &[&str], now_ms: i64) -> Result<u64> {
+        match self {
+            Store::Postgres(pool) => {
+                let batch = without_repeats(events);
+                ensure_partitions(pool, &batch, false).await?;
+                match write_postgres(pool, &batch, item_ids, now_ms).await {
+                    // A partition dropped by retention (here or on another
+                    // replica) after this process made sure of it.
+                    Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23514") => {
+                        ensure_partitions(pool, &batch, true).await?;
+                        Ok(write_postgres(pool, &batch, item_ids, now_ms).await?)
+                    }
+                    result => Ok(result?),
+                }
+            }
+            Store::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                // One multi-row statement per chunk: SQLite allows 32766
+                // parameters, 9 a row.
+                let mut inserted = 0;
+                for chunk in events.chunks(1000) {
+                    let mut insert = sqlx::QueryBuilder::new(
+                        "INSERT INTO events (event_id, user_id, item_id, kind, value, ts, session_id, recommendation_id, received_at) ",
+                    );
+                    insert.push_values(chunk, |mut row, e| {
+                        row.push_bind(e.event_id.as_deref())
+                            .push_bind(&e.user_id)
+                            .push_bind(&e.item_id)
+                            .push_bind(e.kind.code())
+                            .push_bind(e.value)
+                            .push_bind(e.ts)
+                            .push_bind(e.session_id.as_deref())
+                            .push_bind(e.recommendation_id.as_deref())
+                            .push_bind(now_ms);
+                    });
+                    insert.push(" ON CONFLICT (user_id, event_id) DO NOTHING");
+                    inserted += insert.build().execute(&mut *tx).await?.rows_affected();
+                }
+                for ids in item_ids.chunks(1000) {
+                    let mut insert = sqlx::QueryBuilder::new("INSERT INTO items (item_id, updated_at) ");
+                    insert.push_values(ids, |mut row, id| {
+                        row.push_bind(*id).push_bind(now_ms);
+                    });
+                    insert.push(" ON CONFLICT (item_id) DO NOTHING");
+                    insert.build().execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                Ok(inserted)
+            }
+        }
+    }
+
+    /// Retires events older than `before_ms`: on PostgreSQL every partition
+    /// wholly before it is dropped (the events of a month go when all of
+    /// them are older), on SQLite rows are deleted in small batches. Also
+    /// forgets the ids of events sent without a timestamp once 24 hours old.
+    pub async fn retire_events(&self, before_ms: Option<i64>, now_ms: i64) -> Result<Retention> {
+        let mut retired = Retention::default();
+        match self {
+            Store::Postgres(pool) => {
+                retired.rows = sqlx::query("DELETE FROM recent_event_ids WHERE received_at < $1")
+                    .bind(now_ms - RECENT_IDS_MS)
+                    .execute(pool)
+                    .await?
+                    .rows_affected();
+                let Some(before) = before_ms else {
+                    return Ok(retired);
+                };
+                for (name, upper) in partitions(pool).await? {
+                    if upper <= before {
+                        // The name comes from the catalogue, quoted anyway.
+                        sqlx::query(&format!("DROP TABLE IF EXISTS \"{}\"", name.replace('"', "")))
+                            .execute(pool)
+                            .await?;
+                        retired.partitions += 1;
+                    }
+                }
+            }
+            Store::Sqlite(pool) => {
+                let Some(before) = before_ms else {
+                    return Ok(retired);
+                };
+                loop {
+                    let n =
+                        sqlx::query("DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE ts < $1 LIMIT $2)")
+                            .bind(before)
+                            .bind(SQLITE_DELETE_BATCH)
+                            .execute(pool)
+                            .await?
+                            .rows_affected();
+                    retired.rows += n;
+                    if n < SQLITE_DELETE_BATCH as u64 {
+                        break;
+                    }
+                    // Let writers in between batches.
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        Ok(retired)
+    }
+
+    /// The events table's partitions (PostgreSQL), each with the end of its
+    /// range; empty on SQLite.
+    pub async fn event_partitions(&self) -> Result<Vec<(String, i64)>> {
+        match self {
+            Store::Postgres(pool) => partitions(pool).await,
+            Store::Sqlite(_) => Ok(Vec::new()),
+        }
+    }
+}
+
+/// The partitions of `events` and the upper bound of each (ms).
+async fn partitions(pool: &PgPool) -> Result<Vec<(String, i64)>> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.relname::text, pg_get_expr(c.relpartbound, c.oid)
+         FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = to_regclass('events') ORDER BY c.relname",
+    )
+    .fetch_all(pool)
+    .await?;
+    // `FOR VALUES FROM ('…') TO ('…')`: the number after TO.
+    Ok(rows
+        .into_iter()
+        .filter_map(|(name, bound)| {
+            let upper = bound.rsplit_once("TO (")?.1;
+            let upper: String = upper.chars().filter(|c| c.is_ascii_digit() || *c == '-').collect();
+            Some((name, upper.parse().ok()?))
+        })
+        .collect())
+}
+
+async fn write_postgres(
+    pool: &PgPool,
+    batch: &[&NewEvent],
+    item_ids: &[&str],
+    now_ms: i64,
+) -> std::result::Result<u64, sqlx::Error> {
+    let untimed: Vec<&NewEvent> = batch
+        .iter()
+        .copied()
+        .filter(|e| e.event_id.is_some() && !e.timestamped)
+        .collect();
+    if untimed.is_empty() && item_ids.is_empty() {
+        // One statement is its own transaction: no BEGIN and COMMIT round
+        // trips.
+        return insert_events(pool, batch, now_ms).await;
+    }
+    let mut tx: Transaction<'_, Postgres> = pool.begin().await?;
+    let mut batch = batch.to_vec();
+    if !untimed.is_empty() {
+        // Ids remembered for less than 24 hours are retries; older ones are
+        // remembered anew.
+        let fresh: HashSet<(String, String)> = sqlx::query_as(
+            "INSERT INTO recent_event_ids (user_id, event_id, received_at)
+             SELECT u, e, $3 FROM UNNEST($1::text[], $2::text[]) AS t(u, e)
+             ON CONFLICT (user_id, event_id) DO UPDATE SET received_at = EXCLUDED.received_at
+               WHERE recent_event_ids.received_at < $4
+             RETURNING user_id, event_id",
+        )
+        .bind(untimed.iter().map(|e| e.user_id.as_str()).collect::<Vec<_>>())
+        .bind(untimed.iter().map(|e| e.event_id.as_deref()).collect::<Vec<_>>())
+        .bind(now_ms)
+        .bind(now_ms - RECENT_IDS_MS)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        batch.retain(|e| match (&e.event_id, e.timestamped) {
+            (Some(id), false) => fresh.contains(&(e.user_id.clone(), id.clone())),
+            _ => true,
+        });
+    }
+    let inserted = insert_events(&mut *tx, &batch, now_ms).await?;
+    if !item_ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO items (item_id, updated_at) SELECT id, $2 FROM UNNEST($1::text[]) AS id
+             ON CONFLICT (item_id) DO NOTHING",
+        )
+        .bind(item_ids)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(inserted)
+}
+
+/// Inserts the events; one with the user, id and timestamp of a stored one
+/// is skipped. Returns how many were stored.
+async fn insert_events<'e>(
+    executor: impl sqlx::PgExecutor<'e>,
+    batch: &[&NewEvent],
+    now_ms: i64,
+) -> std::result::Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "INSERT INTO events (event_id, user_id, item_id, kind, value, ts, session_id, recommendation_id, received_at)
+         SELECT e.*, $9 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int2[], $5::float8[], $6::int8[], $7::text[], $8::text[]) AS e
+         ON CONFLICT (user_id, event_id, ts) DO NOTHING",
+    )
+    .bind(batch.iter().map(|e| e.event_id.as_deref()).collect::<Vec<_>>())
+    .bind(batch.iter().map(|e| e.user_id.as_str()).collect::<Vec<_>>())
+    .bind(batch.iter().map(|e| e.item_id.as_str()).collect::<Vec<_>>())
+    .bind(batch.iter().map(|e| e.kind.code()).collect::<Vec<_>>())
+    .bind(batch.iter().map(|e| e.value).collect::<Vec<_>>())
+    .bind(batch.iter().map(|e| e.ts).collect::<Vec<_>>())
+    .bind(batch.iter().map(|e| e.session_id.as_deref()).collect::<Vec<_>>())
+    .bind(batch.iter().map(|e| e.recommendation_id.as_deref()).collect::<Vec<_>>())
+    .bind(now_ms)
+    .execute(executor)
+    .await?
+    .rows_affected())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_start_at_midnight_utc_on_the_first() {
+        let at = chrono::DateTime::parse_from_rfc3339("2025-03-17T13:45:00Z").unwrap();
+        let start = chrono::DateTime::parse_from_rfc3339("2025-03-01T00:00:00Z").unwrap();
+        assert_eq!(month_start(at.timestamp_millis()), start.timestamp_millis());
+        assert_eq!(month_start(start.timestamp_millis()), start.timestamp_millis());
+        let before = chrono::DateTime::parse_from_rfc3339("1969-12-31T23:59:59Z").unwrap();
+        let december = chrono::DateTime::parse_from_rfc3339("1969-12-01T00:00:00Z").unwrap();
+        assert_eq!(month_start(before.timestamp_millis()), december.timestamp_millis());
+    }
+}
