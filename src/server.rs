@@ -130,9 +130,14 @@ pub async fn train_once(settings: &Settings) -> anyhow::Result<()> {
     let config = settings.train.clone();
     let input = crate::trainer::read_training_data(&store, &config).await?;
     let progress = std::io::stderr().is_terminal();
-    let candidate =
-        tokio::task::spawn_blocking(move || crate::trainer::train_candidate(input, &config, progress)).await??;
-    let bytes = crate::trainer::save_snapshot(&store, &candidate.snapshot).await?;
+    let ann = settings.ann;
+    let (candidate, index) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let candidate = crate::trainer::train_candidate(input, &config, progress)?;
+        let index = crate::trainer::build_index(&candidate.snapshot, &ann)?;
+        Ok((candidate, index))
+    })
+    .await??;
+    let bytes = crate::trainer::save_snapshot(&store, &candidate.snapshot, index.as_ref()).await?;
     println!("{}", candidate.report.table());
     println!("saved snapshot {} ({bytes} bytes)", candidate.snapshot.meta.version);
     store.close().await;

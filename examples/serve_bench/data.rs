@@ -230,17 +230,16 @@ pub async fn prepare_synthetic(args: &Args, cache: &Path) -> anyhow::Result<Prep
             last_seq: store.max_event_seq().await?,
         };
         let snapshot = ModelSnapshot::new(meta, item_ids, Some(weights), popularity, neighbours);
-        let bytes = snapshot.to_bytes()?;
-        let meta_json = serde_json::to_string(&snapshot.meta)?;
         let version = snapshot.meta.version.clone();
-        drop(snapshot);
-        store
-            .save_snapshot(&version, chrono::Utc::now().timestamp_millis(), &meta_json, &bytes, 5)
-            .await?;
+        // The index the trainer would store with it (the default [ann]
+        // settings, which the server runs with), so that no start builds one.
+        let index = recd::trainer::build_index(&snapshot, &recd::model::ann::AnnSettings::default())?;
+        let bytes = recd::trainer::save_snapshot(&store, &snapshot, index.as_ref()).await?;
+        drop((snapshot, index));
         store.close().await;
         println!(
-            "  snapshot {version}: {:.0} MB; prepared in {:.0} s",
-            bytes.len() as f64 / 1e6,
+            "  snapshot {version} with its index: {:.0} MB; prepared in {:.0} s",
+            bytes as f64 / 1e6,
             started.elapsed().as_secs_f64()
         );
         mark_ready(&dir, &key)?;

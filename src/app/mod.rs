@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 use crate::clock::now_ms;
 use crate::config::Settings;
 use crate::domain::ShopStats;
+use crate::model::ann::AnnIndex;
 use crate::model::ModelSnapshot;
 use crate::recommend::Serving;
 use crate::store::{KnownItems, Locks, Store};
@@ -111,19 +112,37 @@ impl App {
         let Some(bytes) = self.store.snapshot_bytes(&version).await? else {
             return Ok(());
         };
-        let snapshot = tokio::task::spawn_blocking(move || ModelSnapshot::from_bytes(&bytes)).await??;
+        let stored_index = self.store.snapshot_index(&version).await?;
+        let settings = self.settings.ann;
+        let (snapshot, index) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let snapshot = ModelSnapshot::from_bytes(&bytes)?;
+            // The trainer's index, unless it was built otherwise than the
+            // settings now ask (then one is built here).
+            let index = match stored_index {
+                Some((meta, bytes)) if settings.applies_to(snapshot.items()) => {
+                    AnnIndex::load(&bytes, &serde_json::from_str(&meta)?, &settings)?
+                }
+                _ => None,
+            };
+            Ok((snapshot, index))
+        })
+        .await??;
+        if index.is_some() {
+            metrics::counter!("recd_ann_loads_total").increment(1);
+        }
         // Another replica may have published a newer one meanwhile; the next
         // look picks it up.
-        self.serve_snapshot(snapshot);
+        self.serve_snapshot(snapshot, index);
         metrics::counter!("recd_snapshot_loads_total").increment(1);
         Ok(())
     }
 
-    /// Serves `snapshot` from now on, and warms the states of the most
-    /// recently active users for it in the background.
-    pub fn serve_snapshot(&self, snapshot: ModelSnapshot) {
+    /// Serves `snapshot` (ranked through `index`, when it has one) from now
+    /// on, and warms the states of the most recently active users for it in
+    /// the background.
+    pub fn serve_snapshot(&self, snapshot: ModelSnapshot, index: Option<AnnIndex>) {
         record_model_metrics(&snapshot);
-        self.serving.publish(snapshot);
+        self.serving.publish(snapshot, index);
         let Some(model) = self.serving.model() else {
             return;
         };

@@ -85,14 +85,14 @@ async fn refresh_popular(app: App) {
     }
 }
 
-/// Retention, at start and then every `RETIRE_EVERY`.
+/// Retention, every `RETIRE_EVERY` (the first a period after start).
 async fn retire_events(app: App) {
     loop {
+        tokio::time::sleep(RETIRE_EVERY).await;
         if let Err(e) = app.retire_events().await {
             metrics::counter!("recd_background_failures_total", "task" => "retention").increment(1);
             tracing::warn!(error = %e, "cannot retire old events");
         }
-        tokio::time::sleep(RETIRE_EVERY).await;
     }
 }
 

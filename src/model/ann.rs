@@ -18,7 +18,7 @@ use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 use super::snapshot::Weights;
 
 /// When and how an index is built and searched (`[ann]` in the settings).
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AnnSettings {
     /// Catalogues of at least this many items get an index; smaller ones
@@ -82,6 +82,15 @@ impl AnnSettings {
 /// for a free search context inside `usearch`.
 const SEARCH_CONTEXTS: usize = 64;
 
+/// What a stored index was built from, stored beside it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct IndexMeta {
+    pub settings: AnnSettings,
+    pub dim: usize,
+    pub items: usize,
+    pub build_seconds: f64,
+}
+
 /// An index over one snapshot's item embeddings.
 pub struct AnnIndex {
     /// A view of `memory`: declared first so that it is dropped first.
@@ -114,18 +123,7 @@ impl AnnIndex {
         let started = Instant::now();
         let dim = weights.dim;
         let items = weights.items();
-        let options = IndexOptions {
-            dimensions: dim + 1,
-            metric: MetricKind::IP,
-            quantization: match settings.vectors {
-                Vectors::F32 => ScalarKind::F32,
-                Vectors::F16 => ScalarKind::F16,
-            },
-            connectivity: settings.connectivity,
-            expansion_add: settings.ef_construction,
-            expansion_search: settings.ef_search.max(settings.candidates),
-            multi: false,
-        };
+        let options = index_options(dim, settings);
         let threads = settings.threads().max(1);
         let index = new_index(&options, items, threads.max(SEARCH_CONTEXTS))?;
         let failed = std::sync::Mutex::new(None);
@@ -199,6 +197,52 @@ impl AnnIndex {
         self.index.change_expansion_search(ef);
     }
 
+    /// The index as stored: usearch's serialized graph and vectors.
+    pub fn bytes(&self) -> &[u8] {
+        &self.memory
+    }
+
+    /// What must accompany `bytes` to load them again.
+    pub fn meta(&self) -> IndexMeta {
+        IndexMeta {
+            settings: self.settings,
+            dim: self.dim,
+            items: self.items,
+            build_seconds: self.build_seconds,
+        }
+    }
+
+    /// An index stored by `bytes` and `meta`, searched with `settings`;
+    /// `None` when it was built otherwise than `settings` ask (another
+    /// number format or graph), so that it is built anew.
+    pub fn load(bytes: &[u8], meta: &IndexMeta, settings: &AnnSettings) -> anyhow::Result<Option<Self>> {
+        let built = &meta.settings;
+        if (built.vectors, built.connectivity, built.ef_construction)
+            != (settings.vectors, settings.connectivity, settings.ef_construction)
+        {
+            return Ok(None);
+        }
+        let options = index_options(meta.dim, settings);
+        let (index, memory) = view_in_huge_pages(bytes.len(), &options, |memory| {
+            memory.copy_from_slice(bytes);
+            Ok(())
+        })?;
+        anyhow::ensure!(
+            index.size() == meta.items,
+            "the stored index holds {} items, not {}",
+            index.size(),
+            meta.items
+        );
+        Ok(Some(AnnIndex {
+            index,
+            memory,
+            settings: *settings,
+            dim: meta.dim,
+            items: meta.items,
+            build_seconds: meta.build_seconds,
+        }))
+    }
+
     /// How the index stores its vectors.
     pub fn vectors(&self) -> Vectors {
         self.settings.vectors
@@ -207,6 +251,23 @@ impl AnnIndex {
     /// Bytes the index holds (graph and vectors).
     pub fn memory_bytes(&self) -> usize {
         self.memory.len()
+    }
+}
+
+/// The index's options: an inner-product graph over `dim` + 1 values (the
+/// embedding and the bias).
+fn index_options(dim: usize, settings: &AnnSettings) -> IndexOptions {
+    IndexOptions {
+        dimensions: dim + 1,
+        metric: MetricKind::IP,
+        quantization: match settings.vectors {
+            Vectors::F32 => ScalarKind::F32,
+            Vectors::F16 => ScalarKind::F16,
+        },
+        connectivity: settings.connectivity,
+        expansion_add: settings.ef_construction,
+        expansion_search: settings.ef_search.max(settings.candidates),
+        multi: false,
     }
 }
 
@@ -225,16 +286,27 @@ fn new_index(options: &IndexOptions, capacity: usize, threads: usize) -> anyhow:
 /// mapping is ordinary memory, as before. For the copy both are held at
 /// once: the build thread briefly needs the index's memory twice.
 fn into_huge_pages(built: Index, options: &IndexOptions) -> anyhow::Result<(Index, memmap2::MmapMut)> {
-    let mut memory = memmap2::MmapMut::map_anon(built.serialized_length().max(1))
-        .map_err(|e| anyhow::anyhow!("cannot map memory for the index: {e}"))?;
+    view_in_huge_pages(built.serialized_length(), options, |memory| {
+        built
+            .save_to_buffer(memory)
+            .map_err(|e| anyhow::anyhow!("cannot copy the index: {e}"))
+    })
+}
+
+/// `len` bytes of memory advised for huge pages, filled by `fill` with a
+/// serialized index, and a view of them.
+fn view_in_huge_pages(
+    len: usize,
+    options: &IndexOptions,
+    fill: impl FnOnce(&mut [u8]) -> anyhow::Result<()>,
+) -> anyhow::Result<(Index, memmap2::MmapMut)> {
+    let mut memory =
+        memmap2::MmapMut::map_anon(len.max(1)).map_err(|e| anyhow::anyhow!("cannot map memory for the index: {e}"))?;
     #[cfg(target_os = "linux")]
     if let Err(e) = memory.advise(memmap2::Advice::HugePage) {
         tracing::debug!(error = %e, "no huge pages for the index");
     }
-    built
-        .save_to_buffer(&mut memory)
-        .map_err(|e| anyhow::anyhow!("cannot copy the index: {e}"))?;
-    drop(built);
+    fill(&mut memory[..len])?;
     // The view keeps the search contexts reserved here.
     let view = new_index(options, 0, SEARCH_CONTEXTS)?;
     // SAFETY: `memory` is neither changed nor unmapped while the view lives:

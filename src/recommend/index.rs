@@ -138,6 +138,23 @@ impl Serving {
         }
     }
 
+    /// Ranks `snapshot` through `index`, made elsewhere (stored with the
+    /// snapshot), from now on; an older build in progress is cancelled.
+    pub(super) fn use_index(&self, snapshot: &ModelSnapshot, index: AnnIndex) {
+        let mut state = self.ann_state.lock().unwrap_or_else(|e| e.into_inner());
+        state.cancel.store(true, Ordering::Relaxed);
+        let version = snapshot.meta.version.clone();
+        *state = AnnState {
+            version: version.clone(),
+            state: IndexState::Ready,
+            error: None,
+            cancel: Arc::new(AtomicBool::new(false)),
+        };
+        metrics::gauge!("recd_ann_build_seconds").set(index.build_seconds);
+        metrics::gauge!("recd_ann_ready").set(1.0);
+        self.ann.store(Some(Arc::new(ReadyIndex { version, index })));
+    }
+
     /// The index of `model`, when one is ready.
     pub(super) fn index_of(&self, model: &ModelSnapshot) -> Option<Arc<ReadyIndex>> {
         self.ann.load_full().filter(|r| r.version == model.meta.version)

@@ -43,7 +43,7 @@ pub use popular::PopularCache;
 pub use rank::{approximate_top_n, history_of, MIN_EMBEDDED_INTERACTIONS};
 pub use warm::{WarmInfo, WarmState};
 
-use crate::model::ann::AnnSettings;
+use crate::model::ann::{AnnIndex, AnnSettings};
 use crate::model::ModelSnapshot;
 use index::{AnnState, ReadyIndex};
 use state::{CachedState, STATE_CACHE_USERS};
@@ -191,15 +191,20 @@ impl Serving {
     }
 
     /// Serves `snapshot` from now on; requests in flight finish on the one
-    /// they loaded. A catalogue of `ann.min_items` or more gets an index built on a
-    /// thread of its own; until it is ready every item is scored.
-    pub fn publish(&self, snapshot: ModelSnapshot) {
+    /// they loaded. A catalogue of `ann.min_items` or more is ranked through
+    /// `index` (built by the trainer, stored with the snapshot); without
+    /// one, an index is built on a thread of its own, and until it is
+    /// ready every item is scored.
+    pub fn publish(&self, snapshot: ModelSnapshot, index: Option<AnnIndex>) {
         let version = snapshot.meta.version.clone();
         let snapshot = Arc::new(snapshot);
+        match index {
+            Some(index) if self.ann_settings.applies_to(snapshot.items()) => self.use_index(&snapshot, index),
+            _ => self.index_in_background(snapshot.clone()),
+        }
         self.model.store(Some(snapshot.clone()));
         metrics::gauge!("recd_model_items").set(snapshot.items() as f64);
         tracing::info!(version, "serving model");
-        self.index_in_background(snapshot);
     }
 
     /// Forgets what is cached of a user (erasure).

@@ -109,6 +109,17 @@ impl KnownItems {
     }
 }
 
+/// A snapshot as stored: its bytes and metadata, and the nearest-neighbour
+/// index built for it (its metadata and bytes), if any.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotRow<'a> {
+    pub version: &'a str,
+    pub created_at_ms: i64,
+    pub meta: &'a str,
+    pub bytes: &'a [u8],
+    pub index: Option<(&'a str, &'a [u8])>,
+}
+
 /// Pool figures for `/metrics`.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolStats {
@@ -313,23 +324,25 @@ impl Store {
     }
 
     /// Stores a snapshot and forgets all but the newest `keep`.
-    pub async fn save_snapshot(
-        &self,
-        version: &str,
-        created_at_ms: i64,
-        meta: &str,
-        bytes: &[u8],
-        keep: i64,
-    ) -> Result<()> {
+    pub async fn save_snapshot(&self, row: &SnapshotRow<'_>, keep: i64) -> Result<()> {
+        let version = row.version;
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             sqlx::query("INSERT INTO snapshots (version, created_at, meta, bytes) VALUES ($1, $2, $3, $4)")
                 .bind(version)
-                .bind(created_at_ms)
-                .bind(meta)
-                .bind(bytes)
+                .bind(row.created_at_ms)
+                .bind(row.meta)
+                .bind(row.bytes)
                 .execute(&mut *tx)
                 .await?;
+            if let Some((meta, bytes)) = row.index {
+                sqlx::query("INSERT INTO snapshot_indexes (version, meta, bytes) VALUES ($1, $2, $3)")
+                    .bind(version)
+                    .bind(meta)
+                    .bind(bytes)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             sqlx::query(
                 "DELETE FROM snapshots WHERE version NOT IN \
                  (SELECT version FROM snapshots ORDER BY created_at DESC, version DESC LIMIT $1)",
@@ -337,6 +350,9 @@ impl Store {
             .bind(keep)
             .execute(&mut *tx)
             .await?;
+            sqlx::query("DELETE FROM snapshot_indexes WHERE version NOT IN (SELECT version FROM snapshots)")
+                .execute(&mut *tx)
+                .await?;
             tx.commit().await?;
         });
         if let Store::Postgres(pool) = self {

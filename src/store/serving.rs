@@ -364,6 +364,17 @@ impl Store {
     }
 
     /// The stored snapshot of `version`.
+    /// The index stored with a snapshot: its metadata and bytes.
+    pub async fn snapshot_index(&self, version: &str) -> Result<Option<(String, Vec<u8>)>> {
+        let v = on_pool!(self, pool => sqlx::query_as::<_, (String, Vec<u8>)>(
+            "SELECT meta, bytes FROM snapshot_indexes WHERE version = $1",
+        )
+        .bind(version)
+        .fetch_optional(pool)
+        .await?);
+        Ok(v)
+    }
+
     pub async fn snapshot_bytes(&self, version: &str) -> Result<Option<Vec<u8>>> {
         let v = on_pool!(self, pool => sqlx::query_scalar::<_, Vec<u8>>("SELECT bytes FROM snapshots WHERE version = $1")
             .bind(version)

@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 pub use gate::{Gate, Verdict};
-pub use pipeline::{read_training_data, save_snapshot, train_candidate, Candidate, TrainingData, SNAPSHOTS_KEPT};
+pub use pipeline::{
+    build_index, read_training_data, save_snapshot, train_candidate, Candidate, TrainingData, SNAPSHOTS_KEPT,
+};
 pub use schedule::schedule;
 
 use crate::app::App;

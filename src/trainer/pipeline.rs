@@ -3,15 +3,17 @@
 //! the same steps without the gate.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicBool;
 
 use futures::StreamExt;
 
 use super::{Gate, Outcome, Verdict};
 use crate::app::App;
 use crate::clock::now_ms;
+use crate::model::ann::{AnnIndex, AnnSettings};
 use crate::model::data::DatasetBuilder;
 use crate::model::{self, Dataset, EvalReport, ModelSnapshot, TrainConfig};
-use crate::store::Store;
+use crate::store::{SnapshotRow, Store};
 
 const DAY_MS: f64 = 86_400_000.0;
 
@@ -108,20 +110,46 @@ pub fn train_candidate(input: TrainingData, config: &TrainConfig, progress: bool
     })
 }
 
-/// Saves the snapshot in the store (other replicas are told), keeping the
-/// newest `SNAPSHOTS_KEPT`; returns its size in bytes.
-pub async fn save_snapshot(store: &Store, snapshot: &ModelSnapshot) -> anyhow::Result<usize> {
+/// The nearest-neighbour index of `snapshot` when its catalogue is large
+/// enough for one (CPU work of minutes for a million items: call on a
+/// blocking thread). Built once here and stored with the snapshot, so that
+/// no replica builds its own.
+pub fn build_index(snapshot: &ModelSnapshot, settings: &AnnSettings) -> anyhow::Result<Option<AnnIndex>> {
+    let Some(weights) = snapshot
+        .weights
+        .as_ref()
+        .filter(|_| settings.applies_to(snapshot.items()))
+    else {
+        return Ok(None);
+    };
+    let index = AnnIndex::build(weights, settings, &AtomicBool::new(false))?;
+    if let Some(index) = &index {
+        tracing::info!(
+            version = snapshot.meta.version,
+            items = index.items,
+            seconds = index.build_seconds,
+            "nearest-neighbour index built"
+        );
+        metrics::gauge!("recd_ann_build_seconds").set(index.build_seconds);
+    }
+    Ok(index)
+}
+
+/// Saves the snapshot and its index in the store (other replicas are
+/// told), keeping the newest `SNAPSHOTS_KEPT`; returns the bytes stored.
+pub async fn save_snapshot(store: &Store, snapshot: &ModelSnapshot, index: Option<&AnnIndex>) -> anyhow::Result<usize> {
     let bytes = snapshot.to_bytes()?;
-    store
-        .save_snapshot(
-            &snapshot.meta.version,
-            now_ms(),
-            &serde_json::to_string(&snapshot.meta)?,
-            &bytes,
-            SNAPSHOTS_KEPT,
-        )
-        .await?;
-    Ok(bytes.len())
+    let meta = serde_json::to_string(&snapshot.meta)?;
+    let index_meta = index.map(|i| serde_json::to_string(&i.meta())).transpose()?;
+    let row = SnapshotRow {
+        version: &snapshot.meta.version,
+        created_at_ms: now_ms(),
+        meta: &meta,
+        bytes: &bytes,
+        index: index_meta.as_deref().zip(index.map(AnnIndex::bytes)),
+    };
+    store.save_snapshot(&row, SNAPSHOTS_KEPT).await?;
+    Ok(bytes.len() + index.map_or(0, |i| i.bytes().len()))
 }
 
 /// Trains on the store's events, gates the candidate against the served
@@ -139,13 +167,18 @@ pub(super) async fn train_and_gate(app: &App) -> anyhow::Result<Outcome> {
         margin: app.settings.gate_margin,
         min_cases: app.settings.gate_min_cases,
     };
-    let decided = tokio::task::spawn_blocking(move || -> anyhow::Result<(ModelSnapshot, Verdict)> {
+    let ann = app.settings.ann;
+    let decided = tokio::task::spawn_blocking(move || -> anyhow::Result<(ModelSnapshot, Verdict, Option<AnnIndex>)> {
         let candidate = train_candidate(input, &config, false)?;
         let verdict = gate.judge(&candidate, served.as_deref(), &config);
-        Ok((candidate.snapshot, verdict))
+        let index = match verdict {
+            Verdict::Accept(_) => build_index(&candidate.snapshot, &ann)?,
+            Verdict::Reject(_) => None,
+        };
+        Ok((candidate.snapshot, verdict, index))
     })
     .await;
-    let (snapshot, verdict) = match decided {
+    let (snapshot, verdict, index) = match decided {
         Ok(result) => result?,
         Err(e) if e.is_panic() => anyhow::bail!("training panicked"),
         Err(e) => anyhow::bail!("training was cancelled: {e}"),
@@ -157,8 +190,8 @@ pub(super) async fn train_and_gate(app: &App) -> anyhow::Result<Outcome> {
             Ok(Outcome::Rejected { version, why })
         }
         Verdict::Accept(why) => {
-            save_snapshot(&app.store, &snapshot).await?;
-            app.serve_snapshot(snapshot);
+            save_snapshot(&app.store, &snapshot, index.as_ref()).await?;
+            app.serve_snapshot(snapshot, index);
             Ok(Outcome::Published { version, why })
         }
     }

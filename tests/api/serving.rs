@@ -648,7 +648,7 @@ mod approximate {
     }
 
     /// Fast training, and an index for any catalogue, with f16 vectors.
-    fn indexed(s: &mut Settings) {
+    pub(super) fn indexed(s: &mut Settings) {
         fast(s);
         s.ann.min_items = 1;
         s.ann.vectors = recd::model::ann::Vectors::F16;
@@ -682,6 +682,41 @@ mod approximate {
     }
 
     crate::both_stores!(with super::indexed; same_answers_as_scoring_every_item);
+
+    /// The trainer builds the index with the model and stores it with the
+    /// snapshot: it is ready as the model is published, and a restart
+    /// loads it (the same index: the same build time, the same answers)
+    /// instead of building its own.
+    async fn the_trainers_index_is_stored_and_loaded(app: TestApp) {
+        seed_shop(&app, 200).await;
+        let version = published(&app).await;
+        let index = model(&app).await["index"].clone();
+        assert_eq!(index["state"], "ready", "ready with the model: {index}");
+        let before = answers(&app, &version).await;
+        let loads = counter(&app, "recd_ann_loads_total").await;
+
+        let app = restart_with(app, indexed).await;
+        let loaded = model(&app).await["index"].clone();
+        assert_eq!(loaded, index, "the stored index, not a new build");
+        assert!(counter(&app, "recd_ann_loads_total").await > loads);
+        assert_eq!(answers(&app, &version).await, before);
+
+        // Built otherwise than the settings now ask: built anew here.
+        let app = restart_with(app, |s| {
+            indexed(s);
+            s.ann.vectors = recd::model::ann::Vectors::F32;
+        })
+        .await;
+        let rebuilt = built_index(&app).await;
+        assert_eq!(rebuilt["state"], "ready", "{rebuilt}");
+        assert_eq!(rebuilt["vectors"], "f32", "{rebuilt}");
+    }
+
+    mod stored {
+        crate::both_stores!(with crate::serving::approximate::indexed; the_trainers_index_is_stored_and_loaded);
+
+        use super::the_trainers_index_is_stored_and_loaded;
+    }
 
     /// Categories of `WIDE` items each, and one of `RARE` items.
     const CATEGORIES: usize = 8;

@@ -64,7 +64,16 @@ async fn events_train_into_a_snapshot_that_loads_back(app: TestApp) {
     for _ in 0..2 {
         let version = format!("{}-{}", snapshot.meta.version, uuid::Uuid::new_v4());
         app.store
-            .save_snapshot(&version, 1, &serde_json::to_string(&snapshot.meta).unwrap(), &bytes, 5)
+            .save_snapshot(
+                &recd::store::SnapshotRow {
+                    version: &version,
+                    created_at_ms: 1,
+                    meta: &serde_json::to_string(&snapshot.meta).unwrap(),
+                    bytes: &bytes,
+                    index: None,
+                },
+                5,
+            )
             .await
             .unwrap();
     }
