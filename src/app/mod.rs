@@ -16,6 +16,7 @@ use crate::clock::now_ms;
 use crate::config::Settings;
 use crate::domain::ShopStats;
 use crate::model::ann::AnnIndex;
+use crate::model::snapshot::NewerFormat;
 use crate::model::ModelSnapshot;
 use crate::recommend::Serving;
 use crate::store::{KnownItems, Locks, Store};
@@ -39,6 +40,9 @@ pub struct Inner {
     shop_stats: ShopStatsCache,
     /// The background tasks, once started; taken (and aborted) by `stop`.
     tasks: Mutex<Option<Vec<JoinHandle<()>>>>,
+    /// Snapshot versions this build cannot read (a newer recd's), not
+    /// fetched again.
+    unreadable: Mutex<std::collections::HashSet<String>>,
     /// The newest warming of user states (aborted by `stop`, and when a
     /// newer model's warming starts).
     warming: Mutex<Option<JoinHandle<()>>>,
@@ -64,6 +68,7 @@ impl App {
             shop_stats: ShopStatsCache::default(),
             tasks: Mutex::new(None),
             warming: Mutex::new(None),
+            unreadable: Mutex::default(),
             store,
             settings,
         }));
@@ -101,20 +106,39 @@ impl App {
         self.flush_impressions().await;
     }
 
-    /// Serves the newest stored snapshot if it is not served yet.
+    /// Serves the newest stored snapshot this build can read, if it is not
+    /// served yet. A snapshot of a newer format (a newer recd publishing
+    /// during a rolling upgrade) is passed over: the model served stays, or
+    /// at start the newest readable one is served.
     pub async fn load_latest(&self) -> anyhow::Result<()> {
-        let Some(version) = self.store.latest_snapshot_version().await? else {
-            return Ok(());
-        };
-        if self.serving.version().as_deref() == Some(version.as_str()) {
-            return Ok(());
+        for version in self.store.snapshot_versions().await? {
+            if self.serving.version().as_deref() == Some(version.as_str()) {
+                return Ok(());
+            }
+            if self
+                .unreadable
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&version)
+            {
+                continue;
+            }
+            if self.load_version(&version).await? {
+                return Ok(());
+            }
         }
-        let Some(bytes) = self.store.snapshot_bytes(&version).await? else {
-            return Ok(());
+        Ok(())
+    }
+
+    /// Loads and serves one stored snapshot; `false` when it is of a newer
+    /// format (remembered, not fetched again).
+    async fn load_version(&self, version: &str) -> anyhow::Result<bool> {
+        let Some(bytes) = self.store.snapshot_bytes(version).await? else {
+            return Ok(false);
         };
-        let stored_index = self.store.snapshot_index(&version).await?;
+        let stored_index = self.store.snapshot_index(version).await?;
         let settings = self.settings.ann;
-        let (snapshot, index) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let loaded = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let snapshot = ModelSnapshot::from_bytes(&bytes)?;
             // The trainer's index, unless it was built otherwise than the
             // settings now ask (then one is built here).
@@ -126,7 +150,20 @@ impl App {
             };
             Ok((snapshot, index))
         })
-        .await??;
+        .await?;
+        let (snapshot, index) = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) if e.downcast_ref::<NewerFormat>().is_some() => {
+                tracing::warn!(version, error = %e, "cannot serve a snapshot of a newer recd; passed over");
+                metrics::counter!("recd_snapshot_unreadable_total").increment(1);
+                self.unreadable
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(version.to_owned());
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        };
         if index.is_some() {
             metrics::counter!("recd_ann_loads_total").increment(1);
         }
@@ -134,7 +171,7 @@ impl App {
         // look picks it up.
         self.serve_snapshot(snapshot, index);
         metrics::counter!("recd_snapshot_loads_total").increment(1);
-        Ok(())
+        Ok(true)
     }
 
     /// Serves `snapshot` (ranked through `index`, when it has one) from now

@@ -326,7 +326,22 @@ pub fn top_n(scores: &[f32], n: usize, mut skip: impl FnMut(u32) -> bool) -> Vec
     best
 }
 
-const FORMAT: &str = "recd-snapshot-1";
+/// Snapshots say `recd-snapshot-N` in their metadata: N is the layout of
+/// their tensors and metadata. A service reads every format up to its own
+/// (so an upgraded replica serves what an older one published) and refuses
+/// a newer one with [`NewerFormat`] (so an older replica keeps serving its
+/// model while a newer one publishes during a rolling upgrade).
+const FORMAT_PREFIX: &str = "recd-snapshot-";
+/// The format this build writes, and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A snapshot written by a newer recd than this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("snapshot format {found} is newer than this recd reads ({reads})")]
+pub struct NewerFormat {
+    pub found: u32,
+    pub reads: u32,
+}
 
 impl ModelSnapshot {
     pub fn new(
@@ -421,6 +436,13 @@ impl ModelSnapshot {
 
     /// Serialises to safetensors bytes with the metadata as JSON.
     pub fn to_bytes(&self) -> anyhow::Result<Vec<u8>> {
+        self.to_bytes_as(FORMAT_VERSION)
+    }
+
+    /// The snapshot's bytes, labelled with format `version` (tests of what
+    /// another recd would write).
+    #[doc(hidden)]
+    pub fn to_bytes_as(&self, version: u32) -> anyhow::Result<Vec<u8>> {
         let mut tensors: Vec<(String, Vec<u8>, Vec<usize>, Dtype)> = Vec::new();
         let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let u32s = |v: &[u32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
@@ -460,7 +482,7 @@ impl ModelSnapshot {
             .map(|(name, bytes, shape, dtype)| Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?)))
             .collect::<Result<_, safetensors::SafeTensorError>>()?;
         let mut metadata = HashMap::new();
-        metadata.insert("format".to_owned(), FORMAT.to_owned());
+        metadata.insert("format".to_owned(), format!("{FORMAT_PREFIX}{version}"));
         metadata.insert("meta".to_owned(), serde_json::to_string(&self.meta)?);
         metadata.insert("item_ids".to_owned(), serde_json::to_string(&self.item_ids)?);
         Ok(safetensors::serialize(views, Some(metadata))?)
@@ -471,10 +493,18 @@ impl ModelSnapshot {
         let (_, header) = safetensors::SafeTensors::read_metadata(bytes)?;
         let tensors = safetensors::SafeTensors::deserialize(bytes)?;
         let metadata = header.metadata().clone().context("snapshot without metadata")?;
-        anyhow::ensure!(
-            metadata.get("format").map(String::as_str) == Some(FORMAT),
-            "not a recd snapshot"
-        );
+        let found: u32 = metadata
+            .get("format")
+            .and_then(|f| f.strip_prefix(FORMAT_PREFIX))
+            .and_then(|n| n.parse().ok())
+            .context("not a recd snapshot")?;
+        if found > FORMAT_VERSION {
+            return Err(NewerFormat {
+                found,
+                reads: FORMAT_VERSION,
+            }
+            .into());
+        }
         let meta: SnapshotMeta = serde_json::from_str(metadata.get("meta").context("no meta")?)?;
         let item_ids: Vec<String> = serde_json::from_str(metadata.get("item_ids").context("no item ids")?)?;
         let f32s = |name: &str| -> anyhow::Result<Vec<f32>> {

@@ -367,13 +367,18 @@ impl Store {
     }
 
     /// The newest snapshot's version, if any.
-    pub async fn latest_snapshot_version(&self) -> Result<Option<String>> {
+    /// The stored snapshots' versions, newest first.
+    pub async fn snapshot_versions(&self) -> Result<Vec<String>> {
         let v = on_pool!(self, pool => sqlx::query_scalar(
-            "SELECT version FROM snapshots ORDER BY created_at DESC, version DESC LIMIT 1",
+            "SELECT version FROM snapshots ORDER BY created_at DESC, version DESC",
         )
-        .fetch_optional(pool)
+        .fetch_all(pool)
         .await?);
         Ok(v)
+    }
+
+    pub async fn latest_snapshot_version(&self) -> Result<Option<String>> {
+        Ok(self.snapshot_versions().await?.into_iter().next())
     }
 
     /// The newest snapshot: (version, bytes).

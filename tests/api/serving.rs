@@ -490,8 +490,58 @@ mod warming {
     }
 }
 
+/// During a rolling upgrade a newer recd may publish a snapshot of a newer
+/// format: this build passes it over and keeps serving the model it reads,
+/// also when it restarts, and serves the next snapshot of its own format.
+async fn a_newer_snapshot_format_is_passed_over(app: TestApp) {
+    use recd::model::snapshot::FORMAT_VERSION;
+    use recd::model::ModelSnapshot;
+    seed_shop(&app, 200).await;
+    let version = published(&app).await;
+    let (_, bytes) = app.store.latest_snapshot().await.unwrap().expect("a snapshot");
+    let mut snapshot = ModelSnapshot::from_bytes(&bytes).unwrap();
+    let store = app.store.clone();
+    let save = |version: String, bytes: Vec<u8>, at: i64| {
+        let store = store.clone();
+        async move {
+            let row = recd::store::SnapshotRow {
+                version: &version,
+                created_at_ms: at,
+                meta: "{}",
+                bytes: &bytes,
+                index: None,
+            };
+            store.save_snapshot(&row, 5).await.unwrap();
+        }
+    };
+    let later = recd::clock::now_ms() + 60_000;
+    snapshot.meta.version = format!("{version}-newer");
+    save(
+        snapshot.meta.version.clone(),
+        snapshot.to_bytes_as(FORMAT_VERSION + 1).unwrap(),
+        later,
+    )
+    .await;
+    app.app.load_latest().await.expect("a newer format is no error");
+    assert_eq!(model(&app).await["version"], version.as_str());
+    assert_eq!(recommend(&app, "user-3", "").await["model_version"], version.as_str());
+
+    let app = restart_with(app, fast).await;
+    assert_eq!(
+        model(&app).await["version"],
+        version.as_str(),
+        "the newest readable one at start"
+    );
+
+    snapshot.meta.version = format!("{version}-same-format");
+    save(snapshot.meta.version.clone(), snapshot.to_bytes().unwrap(), later + 1).await;
+    app.app.load_latest().await.unwrap();
+    assert_eq!(model(&app).await["version"], snapshot.meta.version.as_str());
+}
+
 crate::both_stores!(with crate::serving::fast;
     a_new_event_changes_the_next_answer,
+    a_newer_snapshot_format_is_passed_over,
     cold_start_and_filters_hold,
     clicks_are_counted_per_version,
     erasure_reaches_recommendations,
