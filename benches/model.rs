@@ -100,6 +100,8 @@ fn scoring(c: &mut Criterion) {
         knn_weight: 0.0,
         kind: recd::model::snapshot::SnapshotKind::Network,
         last_seq: 0,
+        scratch_at_ms: 0,
+        continued_from: None,
     };
     let ids = (0..ITEMS).map(|i| format!("i{i}")).collect();
     let neighbours = recd::model::knn::Neighbours::build(ITEMS, std::iter::empty(), 10);

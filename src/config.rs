@@ -65,6 +65,11 @@ pub struct Settings {
     /// new events arrived.
     #[serde(deserialize_with = "duration")]
     pub stats_refresh: Duration,
+    /// A scheduled training continues from the served model's weights
+    /// unless the training from scratch it descends from is this old (then
+    /// it starts from scratch).
+    #[serde(deserialize_with = "duration")]
+    pub scratch_interval: Duration,
     /// Events older than this before the newest event are retired in the
     /// background (whole partitions on Postgres); `None` when `0`: kept.
     #[serde(deserialize_with = "optional_duration")]

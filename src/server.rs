@@ -81,7 +81,7 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     let app = App::open(store.clone(), settings).await?;
     if demo && app.serving.model().is_none() {
         // The demo answers personally within a minute, whatever the interval.
-        let _ = crate::trainer::start_training(&app).await;
+        let _ = crate::trainer::start_training(&app, crate::trainer::TrainFrom::Scratch).await;
     }
     let listener = tokio::net::TcpListener::bind(app.settings.listen)
         .await
@@ -128,11 +128,11 @@ pub fn eval(settings: &Settings, events: &Path, items: Option<&Path>, json: bool
 pub async fn train_once(settings: &Settings) -> anyhow::Result<()> {
     let store = open_store_waiting(settings).await?;
     let config = settings.train.clone();
-    let input = crate::trainer::read_training_data(&store, &config).await?;
+    let input = crate::trainer::read_training_data(&store, &config, None).await?;
     let progress = std::io::stderr().is_terminal();
     let ann = settings.ann;
     let (candidate, index) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let candidate = crate::trainer::train_candidate(input, &config, progress)?;
+        let candidate = crate::trainer::train_candidate(input, &config, progress, None)?;
         let index = crate::trainer::build_index(&candidate.snapshot, &ann)?;
         Ok((candidate, index))
     })

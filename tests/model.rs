@@ -390,7 +390,7 @@ async fn recd_train_saves_a_snapshot_in_the_store() {
 #[test]
 fn the_time_limit_is_checked_per_batch() {
     use recd::model::data::Split;
-    use recd::model::train::train;
+    use recd::model::train::train_from;
     let data = Dataset::from_events(planted_shop(400, 5));
     let split = Split::leave_one_out(&data);
     let popularity = vec![1.0; data.items() + 1];
@@ -403,17 +403,26 @@ fn the_time_limit_is_checked_per_batch() {
         max_train_seconds: seconds,
         ..TrainConfig::default()
     };
-    let none = train(&data, &split.train_len, &popularity, &split.valid, &config(0.0), false)
-        .unwrap()
-        .expect("a network");
+    let none = train_from(
+        &data,
+        &split.train_len,
+        &popularity,
+        &split.valid,
+        &config(0.0),
+        false,
+        None,
+    )
+    .unwrap()
+    .expect("a network");
     assert_eq!((none.epochs, none.batches), (1, 0));
-    let all = train(
+    let all = train_from(
         &data,
         &split.train_len,
         &popularity,
         &split.valid,
         &config(600.0),
         false,
+        None,
     )
     .unwrap()
     .expect("a network");
@@ -451,4 +460,41 @@ fn evaluation_samples_the_test_users() {
     };
     let (_, everyone) = train_and_evaluate(&data, &all, false).unwrap();
     assert_eq!(everyone.data.test_users, 400);
+}
+
+/// A continued training starts where the served model is: its weights as
+/// they were for known items, the category mean for a new item with a
+/// category, whatever categories the new network learns on top.
+#[test]
+fn a_network_starts_from_served_weights() {
+    use rand::SeedableRng;
+    use recd::model::net::Network;
+    use recd::model::snapshot::Weights;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut draw = {
+        let mut r = rand::rngs::StdRng::seed_from_u64(10);
+        move || rand::Rng::gen_range(&mut r, -1.0f32..1.0)
+    };
+    let served = Weights::from_fn(3, 4, 5, &mut draw);
+    // Four items now: served rows 2, 1 and 3, and a new one; items 1 and 4
+    // share category 1, items 2 and 3 have none.
+    let categories = [0u32, 1, 0, 0, 1];
+    let net = Network::new(4, 4, 5, Some((&categories, 1)), &mut rng).unwrap();
+    net.start_from(&served, &[None, Some(2), Some(1), Some(3), None])
+        .unwrap();
+    let w = net.weights().unwrap();
+    let row = |w: &Weights, i: usize| w.item_emb[i * 4..(i + 1) * 4].to_vec();
+    assert_eq!(row(&w, 1), row(&served, 2));
+    assert_eq!(row(&w, 2), row(&served, 1));
+    assert_eq!(row(&w, 3), row(&served, 3));
+    assert_eq!(row(&w, 4), row(&served, 2), "the mean of its category's known rows");
+    assert_eq!(
+        w.item_bias[1..4],
+        [served.item_bias[2], served.item_bias[1], served.item_bias[3]]
+    );
+    assert_eq!((&w.w_ih, &w.w_hh, &w.b), (&served.w_ih, &served.w_hh, &served.b));
+    assert_eq!(
+        (&w.proj, &w.proj_b, &w.kind_emb),
+        (&served.proj, &served.proj_b, &served.kind_emb)
+    );
 }

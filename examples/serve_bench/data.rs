@@ -228,6 +228,8 @@ pub async fn prepare_synthetic(args: &Args, cache: &Path) -> anyhow::Result<Prep
             knn_weight: 0.0,
             kind: recd::model::snapshot::SnapshotKind::Network,
             last_seq: store.max_event_seq().await?,
+            scratch_at_ms: 0,
+            continued_from: None,
         };
         let snapshot = ModelSnapshot::new(meta, item_ids, Some(weights), popularity, neighbours);
         let version = snapshot.meta.version.clone();

@@ -1,18 +1,20 @@
 //! `GET /v1/model`: the served snapshot, its online figures and the
 //! trainings; `POST /v1/model/train` (admin): train now.
 
-use axum::extract::State;
+use std::collections::HashMap;
+
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use super::error::ApiError;
+use super::error::{ApiError, Invalid};
 use super::{ApiResult, AppState};
 use crate::clock::format_timestamp;
 use crate::domain::{OnlineStats, TrainingRun};
 use crate::model::Metrics;
-use crate::trainer::Busy;
+use crate::trainer::{Busy, TrainFrom};
 
 pub(super) fn router() -> Router<AppState> {
     Router::new()
@@ -77,8 +79,24 @@ async fn show(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     })))
 }
 
-async fn train(State(state): State<AppState>) -> ApiResult<(StatusCode, Json<Value>)> {
-    match crate::trainer::start_training(&state.app).await {
+/// `from`: `scratch` trains from random weights; without it (or `served`)
+/// the training continues from the served model when it can, as a
+/// scheduled one does.
+async fn train(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let from = match params.get("from").map(String::as_str) {
+        None | Some("served") => TrainFrom::Auto,
+        Some("scratch") => TrainFrom::Scratch,
+        Some(_) => {
+            return Err(ApiError::invalid(vec![Invalid::new(
+                "from",
+                "must be scratch or served",
+            )]));
+        }
+    };
+    match crate::trainer::start_training(&state.app, from).await {
         Ok(()) => Ok((StatusCode::ACCEPTED, Json(json!({"status": "started"})))),
         Err(busy @ (Busy::Here | Busy::Elsewhere)) => Err(ApiError::Conflict(busy.to_string())),
     }

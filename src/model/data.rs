@@ -33,6 +33,10 @@ pub struct Dataset {
     pub item_category: Vec<u32>,
     /// Distinct categories in `item_category`.
     pub categories: usize,
+    /// Per user, the position of their first event newer than a served
+    /// model's data (the sequence's length when none is); empty unless the
+    /// builder was asked (`DatasetBuilder::fresh_after`).
+    pub fresh_from: Vec<usize>,
 }
 
 impl Dataset {
@@ -79,9 +83,20 @@ pub struct DatasetBuilder {
     data: Dataset,
     item_index: HashMap<String, u32>,
     user_index: HashMap<String, usize>,
+    /// Events after this time are new to a served model.
+    fresh_after: Option<i64>,
 }
 
 impl DatasetBuilder {
+    /// A builder that also notes where each user's events newer than
+    /// `cutoff_ms` begin (`Dataset::fresh_from`).
+    pub fn fresh_after(cutoff_ms: i64) -> Self {
+        DatasetBuilder {
+            fresh_after: Some(cutoff_ms),
+            ..DatasetBuilder::default()
+        }
+    }
+
     pub fn push(&mut self, row: EventRow) {
         let data = &mut self.data;
         let item = match self.item_index.get(&row.item_id) {
@@ -93,12 +108,22 @@ impl DatasetBuilder {
                 i
             }
         };
+        let tracked = self.fresh_after.is_some();
         let user = *self.user_index.entry(row.user_id.clone()).or_insert_with(|| {
             data.user_ids.push(row.user_id);
             data.sequences.push(Vec::new());
+            if tracked {
+                data.fresh_from.push(usize::MAX);
+            }
             data.sequences.len() - 1
         });
+        let at = data.sequences[user].len();
         data.sequences[user].push(Step { item, kind: row.kind });
+        if let Some(cutoff) = self.fresh_after {
+            if row.timestamp_ms > cutoff && data.fresh_from[user] == usize::MAX {
+                data.fresh_from[user] = at;
+            }
+        }
         data.events += 1;
         data.newest_ms = data.newest_ms.max(row.timestamp_ms);
     }
@@ -109,7 +134,11 @@ impl DatasetBuilder {
     }
 
     pub fn finish(self) -> Dataset {
-        self.data
+        let mut data = self.data;
+        for (from, seq) in data.fresh_from.iter_mut().zip(&data.sequences) {
+            *from = (*from).min(seq.len());
+        }
+        data
     }
 }
 

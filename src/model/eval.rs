@@ -11,7 +11,7 @@ use super::data::{sample_cases, Case, Dataset, Split};
 use super::knn::Neighbours;
 use super::metrics::{self, Metrics};
 use super::snapshot::{ModelMetrics, ModelSnapshot, SnapshotKind, SnapshotMeta, Weights};
-use super::train::{train, TrainConfig};
+use super::train::{train_from, TrainConfig, WarmStart};
 use crate::domain::EventRow;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -109,6 +109,17 @@ pub fn train_and_evaluate(
     cfg: &TrainConfig,
     progress: bool,
 ) -> anyhow::Result<(ModelSnapshot, EvalReport)> {
+    train_and_evaluate_from(data, cfg, progress, None)
+}
+
+/// As `train_and_evaluate`, the network continued from a served model's
+/// weights when `warm` is given.
+pub fn train_and_evaluate_from(
+    data: &Dataset,
+    cfg: &TrainConfig,
+    progress: bool,
+    warm: Option<&WarmStart<'_>>,
+) -> anyhow::Result<(ModelSnapshot, EvalReport)> {
     cfg.check()?;
     anyhow::ensure!(data.events > 0, "no events to train on");
     let started = Instant::now();
@@ -122,13 +133,14 @@ pub fn train_and_evaluate(
     let knn_train = Neighbours::build(data.items(), prefixes(data, &split.train_len), cfg.neighbours);
     let knn = Neighbours::build(data.items(), prefixes(data, &but_test), cfg.neighbours);
 
-    let trained = train(
+    let trained = train_from(
         data,
         &split.train_len,
         &counts(data, &split.train_len),
         &split.valid,
         cfg,
         progress,
+        warm,
     )?;
     let mut rng = rand::SeedableRng::seed_from_u64(cfg.seed ^ 0x5eed);
     let valid = sample_cases(&split.valid, cfg.validation_cases, &mut rng);
@@ -149,6 +161,8 @@ pub fn train_and_evaluate(
         items: data.items() as u64,
         metrics: ModelMetrics::default(),
         knn_weight,
+        scratch_at_ms: 0,
+        continued_from: None,
         kind: if network.is_some() {
             SnapshotKind::Network
         } else {

@@ -18,7 +18,7 @@ pub mod train;
 
 pub use crate::domain::EventRow;
 pub use data::{load_events_csv, Dataset, Split, Step};
-pub use eval::{evaluate_events, train_and_evaluate, EvalReport};
+pub use eval::{evaluate_events, train_and_evaluate, train_and_evaluate_from, EvalReport};
 pub use metrics::Metrics;
 pub use snapshot::{top_n, ModelSnapshot, SnapshotMeta, UserState};
 pub use train::TrainConfig;

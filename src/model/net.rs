@@ -181,6 +181,59 @@ impl Network {
         })
     }
 
+    /// Starts from a served model's weights instead of random ones: the
+    /// recurrent and output weights as they are, each item's row from
+    /// `rows[i]` (its row in `weights`, which hold the category part
+    /// already), or, for an item new since, the mean of the served rows of
+    /// its category (random when it has none). Category vectors start at
+    /// zero, so every known item scores as it did.
+    pub fn start_from(&self, weights: &Weights, rows: &[Option<u32>]) -> Result<()> {
+        let d = self.dim;
+        anyhow_shape(weights.dim == d && weights.hidden == self.hidden)?;
+        let mut item_emb = self.item_emb.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+        let mut item_bias = vec![0f32; self.items + 1];
+        let mut sums: std::collections::HashMap<u32, (Vec<f32>, usize)> = std::collections::HashMap::new();
+        for (i, row) in rows.iter().enumerate().skip(1) {
+            if let Some(r) = row {
+                let r = *r as usize;
+                item_emb[i * d..(i + 1) * d].copy_from_slice(&weights.item_emb[r * d..(r + 1) * d]);
+                item_bias[i] = weights.item_bias[r];
+                if let Some(&c) = self.item_category.get(i).filter(|&&c| c > 0) {
+                    let (sum, n) = sums.entry(c).or_insert_with(|| (vec![0f32; d], 0));
+                    sum.iter_mut()
+                        .zip(&item_emb[i * d..(i + 1) * d])
+                        .for_each(|(s, x)| *s += x);
+                    *n += 1;
+                }
+            }
+        }
+        for (i, row) in rows.iter().enumerate().skip(1) {
+            let category = self.item_category.get(i).copied().unwrap_or(0);
+            if let (None, Some((sum, n))) = (row, sums.get(&category)) {
+                for (x, s) in item_emb[i * d..(i + 1) * d].iter_mut().zip(sum) {
+                    *x = s / *n as f32;
+                }
+            }
+        }
+        let dev = Device::Cpu;
+        self.item_emb
+            .set(&Tensor::from_vec(item_emb, (self.items + 1, d), &dev)?)?;
+        self.item_bias
+            .set(&Tensor::from_vec(item_bias, self.items + 1, &dev)?)?;
+        self.kind_emb
+            .set(&Tensor::from_slice(&weights.kind_emb, (KINDS, d), &dev)?)?;
+        let h = self.hidden;
+        self.w_ih.set(&Tensor::from_slice(&weights.w_ih, (4 * h, d), &dev)?)?;
+        self.w_hh.set(&Tensor::from_slice(&weights.w_hh, (4 * h, h), &dev)?)?;
+        self.b.set(&Tensor::from_slice(&weights.b, 4 * h, &dev)?)?;
+        self.proj.set(&Tensor::from_slice(&weights.proj, (d, h), &dev)?)?;
+        self.proj_b.set(&Tensor::from_slice(&weights.proj_b, d, &dev)?)?;
+        if let Some(emb) = &self.category_emb {
+            emb.set(&emb.as_tensor().zeros_like()?)?;
+        }
+        Ok(())
+    }
+
     pub fn vars(&self) -> Vec<Var> {
         let mut vars = vec![
             self.item_emb.clone(),
@@ -298,5 +351,13 @@ impl Network {
             proj_b: flat(&self.proj_b)?,
             item_bias: flat(&self.item_bias)?,
         })
+    }
+}
+
+fn anyhow_shape(same: bool) -> Result<()> {
+    if same {
+        Ok(())
+    } else {
+        Err(candle_core::Error::Msg("the served weights have another shape".into()))
     }
 }

@@ -36,6 +36,14 @@ pub struct SnapshotMeta {
     /// later arrivals are the new events a retraining waits for.
     #[serde(default)]
     pub last_seq: i64,
+    /// When the training from scratch this model descends from ran (ms; 0:
+    /// unknown, as for snapshots before continued training).
+    #[serde(default)]
+    pub scratch_at_ms: i64,
+    /// The version whose weights this training continued from; none for a
+    /// training from scratch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub continued_from: Option<String>,
 }
 
 /// What a snapshot ranks with.
@@ -594,6 +602,8 @@ pub(crate) mod testing {
                 SnapshotKind::Popular
             },
             last_seq: 0,
+            scratch_at_ms: 0,
+            continued_from: None,
         };
         let sequences: Vec<[Step; 2]> = pairs
             .iter()

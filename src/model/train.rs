@@ -55,6 +55,9 @@ pub struct TrainConfig {
     /// ...and at most about this many of the newest events (`0`: no bound
     /// by count). `recd eval` reads its whole file.
     pub window_events: u64,
+    /// A training continued from the served model learns from the windows
+    /// with new events and this many older windows per new one.
+    pub replay: f64,
     /// Learn to predict items the user already touched.
     pub train_on_repeats: bool,
     /// Learn a category embedding added to each item's, where the catalogue
@@ -86,6 +89,7 @@ impl Default for TrainConfig {
             test_cases: 20_000,
             window_days: 365.0,
             window_events: 1_000_000,
+            replay: 1.0,
             train_on_repeats: false,
             categories: true,
             neighbours: 100,
@@ -130,18 +134,67 @@ pub struct Trained {
 /// one event, so every transition is learned once).
 pub fn windows<'a>(data: &'a Dataset, train_len: &[usize], max_len: usize) -> Vec<&'a [Step]> {
     let mut out = Vec::new();
-    for (seq, &n) in data.sequences.iter().zip(train_len) {
+    for_each_window(data, train_len, max_len, |_, _, window| out.push(window));
+    out
+}
+
+/// Each training window with its user and where it ends in their sequence.
+fn for_each_window<'a>(
+    data: &'a Dataset,
+    train_len: &[usize],
+    max_len: usize,
+    mut f: impl FnMut(usize, usize, &'a [Step]),
+) {
+    for (user, (seq, &n)) in data.sequences.iter().zip(train_len).enumerate() {
         let mut end = n;
         while end >= 2 {
             let start = end.saturating_sub(max_len + 1);
-            out.push(&seq[start..end]);
+            f(user, end, &seq[start..end]);
             if start == 0 {
                 break;
             }
             end = start + 1;
         }
     }
-    out
+}
+
+/// A training continued from a served model's weights.
+pub struct WarmStart<'a> {
+    pub weights: &'a Weights,
+    /// Per dense item index of the data, its row in `weights` (`None`: an
+    /// item the served model does not know).
+    pub rows: Vec<Option<u32>>,
+    /// Windows of events the served model learned from, replayed per window
+    /// with a new event (1.0: as many old as new).
+    pub replay: f64,
+}
+
+/// A continued training's windows: every one that holds an event newer
+/// than the served model's data (`Dataset::fresh_from`), and a seeded
+/// sample of the others, `replay` of them per new one.
+fn continued_windows<'a>(
+    data: &'a Dataset,
+    train_len: &[usize],
+    max_len: usize,
+    replay: f64,
+    rng: &mut StdRng,
+) -> Vec<&'a [Step]> {
+    let (mut new, mut old) = (Vec::new(), Vec::new());
+    for_each_window(data, train_len, max_len, |user, end, window| {
+        if end > data.fresh_from.get(user).copied().unwrap_or(0) {
+            new.push(window);
+        } else {
+            old.push(window);
+        }
+    });
+    if new.is_empty() {
+        // Nothing new: every window, from the served weights.
+        return old;
+    }
+    old.shuffle(rng);
+    old.truncate((new.len() as f64 * replay.max(0.0)).round() as usize);
+    new.extend(old);
+    new
 }
 
 fn bar(len: u64, show: bool) -> ProgressBar {
@@ -157,15 +210,18 @@ fn bar(len: u64, show: bool) -> ProgressBar {
 }
 
 /// Trains the network on the windows, stopping early on `validate`'s
-/// NDCG over the whole ranking (higher is better); returns the best epoch's weights, or None
-/// when no user has two events to learn a transition from.
-pub fn train(
+/// NDCG over the whole ranking (higher is better); returns the best epoch's
+/// weights, or None when no user has two events to learn a transition from.
+/// With `warm`, it continues from a served model's weights, on the windows
+/// with new events and a replay sample.
+pub fn train_from(
     data: &Dataset,
     train_len: &[usize],
     popularity: &[f32],
     valid: &[Case],
     cfg: &TrainConfig,
     progress: bool,
+    warm: Option<&WarmStart<'_>>,
 ) -> anyhow::Result<Option<Trained>> {
     cfg.check()?;
     let started = Instant::now();
@@ -191,7 +247,13 @@ pub fn train(
         embedding: cfg.embedding_dropout,
         hidden: cfg.hidden_dropout,
     };
-    let mut windows = windows(data, train_len, cfg.max_len);
+    let mut windows = match warm {
+        Some(warm) => {
+            net.start_from(warm.weights, &warm.rows)?;
+            continued_windows(data, train_len, cfg.max_len, warm.replay, &mut rng)
+        }
+        None => windows(data, train_len, cfg.max_len),
+    };
     if windows.is_empty() {
         return Ok(None);
     }

@@ -48,6 +48,17 @@ impl Outcome {
     }
 }
 
+/// Where a training starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainFrom {
+    /// From the served model's weights when it has a network of the
+    /// configured shape and the training from scratch it descends from is
+    /// younger than `scratch_interval`; else from scratch.
+    Auto,
+    /// From random weights.
+    Scratch,
+}
+
 /// Why a training cannot start now.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum Busy {
@@ -101,7 +112,7 @@ impl Trainer {
 
 /// Starts a training in the background unless one runs here or (on
 /// Postgres) on another replica.
-pub async fn start_training(app: &App) -> Result<(), Busy> {
+pub async fn start_training(app: &App, from: TrainFrom) -> Result<(), Busy> {
     let trainer = &app.trainer;
     if trainer
         .running
@@ -124,7 +135,7 @@ pub async fn start_training(app: &App) -> Result<(), Busy> {
     *trainer.last_attempt.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
     let app = app.clone();
     tokio::spawn(async move {
-        let outcome = train(&app).await;
+        let outcome = train(&app, from).await;
         app.trainer.locks.unlock_training().await;
         app.trainer.running.store(false, Ordering::SeqCst);
         tracing::info!(outcome = outcome.kind().name(), ?outcome, "training finished");
@@ -134,14 +145,14 @@ pub async fn start_training(app: &App) -> Result<(), Busy> {
 
 /// One training: train and gate, publish; the run recorded in the store
 /// and in metrics.
-async fn train(app: &App) -> Outcome {
+async fn train(app: &App, from: TrainFrom) -> Outcome {
     let id = uuid::Uuid::now_v7().to_string();
     let started = Instant::now();
     if let Err(e) = app.store.start_training(&id, now_ms(), &app.trainer.replica).await {
         tracing::warn!(error = %e, "cannot record the training's start");
     }
     tracing::info!(training = %id, "training started");
-    let outcome = match pipeline::train_and_gate(app).await {
+    let outcome = match pipeline::train_and_gate(app, from).await {
         Ok(outcome) => outcome,
         Err(e) => Outcome::Failed { why: format!("{e:#}") },
     };

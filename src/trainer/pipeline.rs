@@ -7,11 +7,12 @@ use std::sync::atomic::AtomicBool;
 
 use futures::StreamExt;
 
-use super::{Gate, Outcome, Verdict};
+use super::{Gate, Outcome, TrainFrom, Verdict};
 use crate::app::App;
 use crate::clock::now_ms;
 use crate::model::ann::{AnnIndex, AnnSettings};
 use crate::model::data::DatasetBuilder;
+use crate::model::train::WarmStart;
 use crate::model::{self, Dataset, EvalReport, ModelSnapshot, TrainConfig};
 use crate::store::{SnapshotRow, Store};
 
@@ -36,8 +37,13 @@ pub struct TrainingData {
 /// Streams the training window from the store: the events of at most
 /// `window_days` before the newest one, and about the newest
 /// `window_events` of them (`0`: no bound of that kind). Memory is bounded
-/// by the window, never by the table.
-pub async fn read_training_data(store: &Store, config: &TrainConfig) -> anyhow::Result<TrainingData> {
+/// by the window, never by the table. With `fresh_after` (a served model's
+/// cutoff), notes where each user's newer events begin.
+pub async fn read_training_data(
+    store: &Store,
+    config: &TrainConfig,
+    fresh_after: Option<i64>,
+) -> anyhow::Result<TrainingData> {
     let max_seq = store.max_event_seq().await?;
     let (newest, nth) = store
         .newest_timestamps(max_seq, config.window_events.saturating_sub(1))
@@ -49,7 +55,7 @@ pub async fn read_training_data(store: &Store, config: &TrainConfig) -> anyhow::
     if let (Some(nth), true) = (nth, config.window_events > 0) {
         since = since.max(nth);
     }
-    let mut builder = DatasetBuilder::default();
+    let mut builder = fresh_after.map_or_else(DatasetBuilder::default, DatasetBuilder::fresh_after);
     let mut last_ts = HashMap::new();
     let mut rows = store.training_window(max_seq, since);
     while let Some(row) = rows.next().await {
@@ -91,8 +97,14 @@ pub struct Candidate {
     pub last_ts: HashMap<String, i64>,
 }
 
-/// Trains and evaluates (CPU work: call on a blocking thread).
-pub fn train_candidate(input: TrainingData, config: &TrainConfig, progress: bool) -> anyhow::Result<Candidate> {
+/// Trains and evaluates (CPU work: call on a blocking thread): from
+/// scratch, or continued from `from`'s weights (then in its shape).
+pub fn train_candidate(
+    input: TrainingData,
+    config: &TrainConfig,
+    progress: bool,
+    from: Option<&ModelSnapshot>,
+) -> anyhow::Result<Candidate> {
     let TrainingData {
         max_seq,
         mut data,
@@ -100,8 +112,25 @@ pub fn train_candidate(input: TrainingData, config: &TrainConfig, progress: bool
         categories,
     } = input;
     data.set_categories(&categories);
-    let (mut snapshot, report) = model::train_and_evaluate(&data, config, progress)?;
+    let warm = from.and_then(|served| {
+        let weights = served.weights.as_ref()?;
+        Some(WarmStart {
+            weights,
+            rows: std::iter::once(None)
+                .chain(data.item_ids.iter().map(|id| served.item_index(id)))
+                .collect(),
+            replay: config.replay,
+        })
+    });
+    let (mut snapshot, report) = model::train_and_evaluate_from(&data, config, progress, warm.as_ref())?;
     snapshot.meta.last_seq = max_seq;
+    match from.filter(|_| warm.is_some()) {
+        Some(served) => {
+            snapshot.meta.scratch_at_ms = served.meta.scratch_at_ms;
+            snapshot.meta.continued_from = Some(served.meta.version.clone());
+        }
+        None => snapshot.meta.scratch_at_ms = now_ms(),
+    }
     Ok(Candidate {
         snapshot,
         report,
@@ -154,10 +183,13 @@ pub async fn save_snapshot(store: &Store, snapshot: &ModelSnapshot, index: Optio
 
 /// Trains on the store's events, gates the candidate against the served
 /// model, and publishes it when the gate accepts it.
-pub(super) async fn train_and_gate(app: &App) -> anyhow::Result<Outcome> {
-    let input = read_training_data(&app.store, &app.settings.train).await?;
+pub(super) async fn train_and_gate(app: &App, from: TrainFrom) -> anyhow::Result<Outcome> {
     let served = app.serving.model();
     let mut config = app.settings.train.clone();
+    let continue_from = served
+        .clone()
+        .filter(|served| from == TrainFrom::Auto && continues(served, &config, app.settings.scratch_interval));
+    let input = read_training_data(&app.store, &config, continue_from.as_ref().map(|s| s.meta.cutoff_ms)).await?;
     if served.is_none() {
         // The first model comes quickly (a fresh service answers personally
         // within a minute); later trainings take their full time.
@@ -169,7 +201,7 @@ pub(super) async fn train_and_gate(app: &App) -> anyhow::Result<Outcome> {
     };
     let ann = app.settings.ann;
     let decided = tokio::task::spawn_blocking(move || -> anyhow::Result<(ModelSnapshot, Verdict, Option<AnnIndex>)> {
-        let candidate = train_candidate(input, &config, false)?;
+        let candidate = train_candidate(input, &config, false, continue_from.as_deref())?;
         let verdict = gate.judge(&candidate, served.as_deref(), &config);
         let index = match verdict {
             Verdict::Accept(_) => build_index(&candidate.snapshot, &ann)?,
@@ -184,6 +216,14 @@ pub(super) async fn train_and_gate(app: &App) -> anyhow::Result<Outcome> {
         Err(e) => anyhow::bail!("training was cancelled: {e}"),
     };
     let version = snapshot.meta.version.clone();
+    let start = match &snapshot.meta.continued_from {
+        Some(served) => format!("continued from {served}"),
+        None => "from scratch".to_owned(),
+    };
+    let verdict = match verdict {
+        Verdict::Accept(why) => Verdict::Accept(format!("{start}: {why}")),
+        Verdict::Reject(why) => Verdict::Reject(format!("{start}: {why}")),
+    };
     match verdict {
         Verdict::Reject(why) => {
             tracing::warn!(version, reason = %why, "candidate rejected; the served model stays");
@@ -195,4 +235,16 @@ pub(super) async fn train_and_gate(app: &App) -> anyhow::Result<Outcome> {
             Ok(Outcome::Published { version, why })
         }
     }
+}
+
+/// Whether a training may continue from `served`: it has a network of the
+/// configured shape, and the training from scratch it descends from is
+/// younger than `scratch_interval`.
+fn continues(served: &ModelSnapshot, config: &TrainConfig, scratch_interval: std::time::Duration) -> bool {
+    let shape = served
+        .weights
+        .as_ref()
+        .is_some_and(|w| w.dim == config.dim && w.hidden == config.hidden);
+    let age_ms = now_ms().saturating_sub(served.meta.scratch_at_ms);
+    shape && served.meta.scratch_at_ms > 0 && (age_ms as u128) < scratch_interval.as_millis()
 }

@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::start_training;
+use super::{start_training, TrainFrom};
 use crate::app::App;
 
 /// Every `snapshot_poll`: pick up new snapshots; on the leader, train when
@@ -19,7 +19,7 @@ pub async fn schedule(app: App) {
             if lead(&app).await {
                 match due(&app, interval).await {
                     Ok(true) => {
-                        if let Err(busy) = start_training(&app).await {
+                        if let Err(busy) = start_training(&app, TrainFrom::Auto).await {
                             tracing::debug!(%busy, "scheduled training skipped");
                         }
                     }

@@ -490,6 +490,56 @@ mod warming {
     }
 }
 
+/// A scheduled (or plain on-demand) training continues from the served
+/// model: it publishes through the same gate, learns items new since, and
+/// says where it started; `from=scratch` starts anew.
+async fn a_continued_training_learns_new_items(app: TestApp) {
+    seed_shop(&app, 200).await;
+    let first = published(&app).await;
+    let body = model(&app).await;
+    assert!(
+        body["last_training"]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("from scratch"),
+        "{body}"
+    );
+    let items = body["items"].as_u64().unwrap();
+
+    // 30 shoppers go on from the shop's items to two new ones.
+    let mut events = Vec::new();
+    for u in 0..30 {
+        for (i, item) in ["item-1", "item-2", "new-1", "new-2"].iter().enumerate() {
+            events.push(
+                json!({"event_id": format!("n-{u}-{i}"), "user_id": format!("fresh-{u}"),
+                               "item_id": item, "type": "view"}),
+            );
+        }
+    }
+    let reply = app.post("/v1/events", &json!({ "events": events })).await;
+    assert_eq!(reply.status(), 200);
+    let body = train_now(&app).await;
+    assert_eq!(body["last_training"]["outcome"], "published", "{body}");
+    let reason = body["last_training"]["reason"].as_str().unwrap();
+    assert!(reason.starts_with(&format!("continued from {first}")), "{reason}");
+    assert_eq!(body["items"].as_u64().unwrap(), items + 2, "the new items have rows");
+    // A shopper who only saw a new item is placed by the model.
+    view(&app, "newcomer", "new-1").await;
+    let reply = recommend(&app, "newcomer", "n=5").await;
+    assert_eq!(reply["strategy"], "personalized", "{reply}");
+    assert_eq!(reply["model_version"], body["version"]);
+
+    let bad = app.post("/v1/model/train?from=yesterday", &json!({})).await;
+    let problem = crate::helpers::problem(bad, 422).await;
+    assert!(problem.to_string().contains("from"), "{problem}");
+    let before = model(&app).await["history"].as_array().map_or(0, Vec::len);
+    let reply = app.post("/v1/model/train?from=scratch", &json!({})).await;
+    assert_eq!(reply.status(), 202);
+    let body = wait_training(&app, before).await;
+    let reason = body["last_training"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("from scratch"), "{body}");
+}
+
 /// During a rolling upgrade a newer recd may publish a snapshot of a newer
 /// format: this build passes it over and keeps serving the model it reads,
 /// also when it restarts, and serves the next snapshot of its own format.
@@ -540,6 +590,7 @@ async fn a_newer_snapshot_format_is_passed_over(app: TestApp) {
 }
 
 crate::both_stores!(with crate::serving::fast;
+    a_continued_training_learns_new_items,
     a_new_event_changes_the_next_answer,
     a_newer_snapshot_format_is_passed_over,
     cold_start_and_filters_hold,

@@ -123,7 +123,7 @@ async fn the_training_window_is_streamed_and_bounded(app: TestApp) {
         window_events: 0,
         ..TrainConfig::default()
     };
-    let read = read_training_data(&app.store, &unbounded).await.unwrap();
+    let read = read_training_data(&app.store, &unbounded, None).await.unwrap();
     assert_eq!(read.data.events, 300);
     assert_eq!(read.data.sequences, every.sequences);
     assert_eq!(read.data.user_ids, every.user_ids);
@@ -137,7 +137,7 @@ async fn the_training_window_is_streamed_and_bounded(app: TestApp) {
         window_events: 60,
         ..unbounded.clone()
     };
-    let read = read_training_data(&app.store, &by_count).await.unwrap();
+    let read = read_training_data(&app.store, &by_count, None).await.unwrap();
     assert_eq!(read.data.events, 60);
     assert!(read.data.sequences.iter().all(|s| s.len() == 2));
     let tail: Vec<_> = every.sequences.iter().map(|s| &s[8..]).collect();
@@ -166,7 +166,7 @@ async fn the_training_window_is_streamed_and_bounded(app: TestApp) {
         window_days: 3.5,
         ..unbounded.clone()
     };
-    let read = read_training_data(&app.store, &by_age).await.unwrap();
+    let read = read_training_data(&app.store, &by_age, None).await.unwrap();
     assert_eq!(read.data.events, 120);
     // Both bounds: the tighter one holds.
     let both = TrainConfig {
@@ -174,7 +174,10 @@ async fn the_training_window_is_streamed_and_bounded(app: TestApp) {
         window_events: 90,
         ..unbounded
     };
-    assert_eq!(read_training_data(&app.store, &both).await.unwrap().data.events, 90);
+    assert_eq!(
+        read_training_data(&app.store, &both, None).await.unwrap().data.events,
+        90
+    );
 }
 
 crate::both_stores!(
