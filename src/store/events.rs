@@ -10,7 +10,7 @@
 //! at any age. Retention drops whole partitions on PostgreSQL and deletes
 //! rows in small batches on SQLite.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 
 use sqlx::{PgPool, Postgres, Transaction};
@@ -24,7 +24,7 @@ pub const RECENT_IDS_MS: i64 = 24 * 3600 * 1000;
 const SQLITE_DELETE_BATCH: i64 = 5_000;
 
 /// The month partitions this process has made sure of, per database.
-static PARTITIONS: Mutex<Option<HashSet<(String, i64)>>> = Mutex::new(None);
+static PARTITIONS: Mutex<Option<HashMap<String, HashSet<i64>>>> = Mutex::new(None);
 
 /// What one retention pass retired.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -65,11 +65,13 @@ async fn ensure_partitions(pool: &PgPool, events: &[&NewEvent], fresh: bool) -> 
     months.dedup();
     {
         let mut known = PARTITIONS.lock().unwrap_or_else(|e| e.into_inner());
-        let known = known.get_or_insert_with(HashSet::new);
+        let known = known.get_or_insert_with(HashMap::new);
         if fresh {
-            known.retain(|(d, _)| *d != db);
+            known.remove(&db);
         }
-        months.retain(|m| !known.contains(&(db.clone(), *m)));
+        if let Some(made) = known.get(&db) {
+            months.retain(|m| !made.contains(m));
+        }
     }
     if months.is_empty() {
         return Ok(());
@@ -79,8 +81,11 @@ async fn ensure_partitions(pool: &PgPool, events: &[&NewEvent], fresh: bool) -> 
         .execute(pool)
         .await?;
     let mut known = PARTITIONS.lock().unwrap_or_else(|e| e.into_inner());
-    let known = known.get_or_insert_with(HashSet::new);
-    known.extend(months.into_iter().map(|m| (db.clone(), m)));
+    known
+        .get_or_insert_with(HashMap::new)
+        .entry(db)
+        .or_default()
+        .extend(months);
     Ok(())
 }
 
@@ -253,7 +258,7 @@ async fn write_postgres(
     if !untimed.is_empty() {
         // Ids remembered for less than 24 hours are retries; older ones are
         // remembered anew.
-        let fresh: HashSet<(String, String)> = sqlx::query_as(
+        let remembered: Vec<(String, String)> = sqlx::query_as(
             "INSERT INTO recent_event_ids (user_id, event_id, received_at)
              SELECT u, e, $3 FROM UNNEST($1::text[], $2::text[]) AS t(u, e)
              ON CONFLICT (user_id, event_id) DO UPDATE SET received_at = EXCLUDED.received_at
@@ -265,11 +270,10 @@ async fn write_postgres(
         .bind(now_ms)
         .bind(now_ms - RECENT_IDS_MS)
         .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
+        .await?;
+        let fresh: HashSet<(&str, &str)> = remembered.iter().map(|(u, e)| (u.as_str(), e.as_str())).collect();
         batch.retain(|e| match (&e.event_id, e.timestamped) {
-            (Some(id), false) => fresh.contains(&(e.user_id.clone(), id.clone())),
+            (Some(id), false) => fresh.contains(&(e.user_id.as_str(), id.as_str())),
             _ => true,
         });
     }

@@ -116,39 +116,23 @@ async fn an_existing_store_migrates_in_place(db: Db) {
         ("e2", "bob", "b", 1_740_000_000_000),
         ("e3", "ann", "c", 1_745_000_000_000),
     ];
+    // The previous version's store, with its events: the same steps on
+    // either database.
+    macro_rules! earlier_store {
+        ($db:ty, $pool:ty) => {{
+            <$db>::create_database(&url).await.unwrap();
+            let pool = <$pool>::connect(&url).await.unwrap();
+            migrator.run(&pool).await.unwrap();
+            for (id, user, item, ts) in rows {
+                let query = sqlx::query(insert).bind(id).bind(user).bind(item).bind(ts);
+                query.execute(&pool).await.unwrap();
+            }
+            pool.close().await;
+        }};
+    }
     match db {
-        Db::Sqlite => {
-            sqlx::Sqlite::create_database(&url).await.unwrap();
-            let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-            migrator.run(&pool).await.unwrap();
-            for (id, user, item, ts) in rows {
-                sqlx::query(insert)
-                    .bind(id)
-                    .bind(user)
-                    .bind(item)
-                    .bind(ts)
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-            }
-            pool.close().await;
-        }
-        Db::Postgres => {
-            sqlx::Postgres::create_database(&url).await.unwrap();
-            let pool = sqlx::PgPool::connect(&url).await.unwrap();
-            migrator.run(&pool).await.unwrap();
-            for (id, user, item, ts) in rows {
-                sqlx::query(insert)
-                    .bind(id)
-                    .bind(user)
-                    .bind(item)
-                    .bind(ts)
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-            }
-            pool.close().await;
-        }
+        Db::Sqlite => earlier_store!(sqlx::Sqlite, sqlx::SqlitePool),
+        Db::Postgres => earlier_store!(sqlx::Postgres, sqlx::PgPool),
     }
 
     let store = Store::open(&url, &StoreOptions::default()).await.expect("migrated");
