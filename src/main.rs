@@ -51,6 +51,11 @@ enum Command {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Replay the events in time order: train on the oldest 80% from
+        /// scratch, continue on four increments of 5%, and set the result
+        /// against a training from scratch on all of them.
+        #[arg(long)]
+        replay: bool,
     },
 }
 
@@ -65,8 +70,14 @@ fn main() -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     recd::telemetry::init_logging(settings.log_format);
     // Evaluation is CPU work from a file, with no store and no runtime.
-    if let Command::Eval { events, items, json } = &cli.command {
-        return recd::server::eval(&settings, events, items.as_deref(), *json);
+    if let Command::Eval {
+        events,
+        items,
+        json,
+        replay,
+    } = &cli.command
+    {
+        return recd::server::eval(&settings, events, items.as_deref(), *json, *replay);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {

@@ -98,8 +98,9 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `recd eval`: train on a CSV's leave-one-out split and print the figures.
-pub fn eval(settings: &Settings, events: &Path, items: Option<&Path>, json: bool) -> anyhow::Result<()> {
+/// `recd eval`: train on a CSV's leave-one-out split and print the figures;
+/// with `replay`, replay it in time order (see [`crate::trainer::replay`]).
+pub fn eval(settings: &Settings, events: &Path, items: Option<&Path>, json: bool, replay: bool) -> anyhow::Result<()> {
     let progress = std::io::stderr().is_terminal();
     let spinner = if progress {
         indicatif::ProgressBar::new_spinner()
@@ -115,6 +116,15 @@ pub fn eval(settings: &Settings, events: &Path, items: Option<&Path>, json: bool
     };
     spinner.finish_and_clear();
     tracing::info!(items_with_category = categories.len(), "events and catalogue read");
+    if replay {
+        let report = crate::trainer::replay(rows, &categories, &settings.train, progress)?;
+        if json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print!("{}", report.table());
+        }
+        return Ok(());
+    }
     let report = crate::model::evaluate_events(rows, &categories, &settings.train, progress)?;
     if json {
         println!("{}", serde_json::to_string(&report)?);

@@ -498,3 +498,42 @@ fn a_network_starts_from_served_weights() {
         (&served.proj, &served.proj_b, &served.kind_emb)
     );
 }
+
+/// `recd eval --replay`: the oldest 80% from scratch, four increments of 5%
+/// each continued from the model before, then all of it from scratch; the
+/// continued model still knows the planted order, for less training.
+#[test]
+fn a_replay_continues_four_times_and_ends_near_scratch() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    let rows = planted_shop(400, 3);
+    let total = rows.len() as u64;
+    let config = TrainConfig {
+        patience: 5,
+        ..small_config()
+    };
+    let report = recd::trainer::replay(rows, &HashMap::new(), &config, false).expect("replays");
+    eprintln!("{}", report.table());
+    let from: Vec<_> = report.stages.iter().map(|s| s.from).collect();
+    assert_eq!(from, ["scratch", "continued", "continued", "continued", "continued"]);
+    for (stage, share) in report.stages.iter().zip(recd::trainer::STAGES) {
+        // Each reads its share of the events, oldest first, and never
+        // splits one instant.
+        assert!(stage.events >= (total as f64 * share).ceil() as u64, "{stage:?}");
+    }
+    assert!(report.stages.windows(2).all(|w| w[0].events < w[1].events));
+    assert_eq!((report.stages[4].events, report.scratch.events), (total, total));
+    assert_eq!(report.test_users, 400);
+    let continued: usize = report.stages[1..].iter().map(|s| s.batches).sum();
+    assert_eq!(report.continued_batches, continued);
+    assert!(continued > 0 && report.scratch.batches > 0);
+    assert!(
+        (report.batches_ratio - continued as f64 / report.scratch.batches as f64).abs() < 1e-9,
+        "{report:?}"
+    );
+    let (last, scratch) = (&report.stages[4].model, &report.scratch.model);
+    assert!(last.hr > 0.8, "the continued model knows the planted order: {last:?}");
+    assert!(
+        last.ndcg >= scratch.ndcg - 0.05,
+        "continued {last:?} against scratch {scratch:?}"
+    );
+}

@@ -28,6 +28,9 @@ pub struct EvalReport {
     pub data: DataSummary,
     pub train_seconds: f64,
     pub epochs: usize,
+    /// Optimizer steps over all epochs, each on one batch of windows.
+    #[serde(default)]
+    pub batches: usize,
     pub model: Metrics,
     pub popular: Metrics,
     pub item_knn: Metrics,
@@ -38,8 +41,8 @@ impl EvalReport {
     pub fn table(&self) -> String {
         let d = &self.data;
         let mut out = format!(
-            "{} users, {} items, {} events, {} test users; trained {:.1}s, {} epochs\n\n",
-            d.users, d.items, d.events, d.test_users, self.train_seconds, self.epochs
+            "{} users, {} items, {} events, {} test users; trained {:.1}s, {} epochs, {} batches\n\n",
+            d.users, d.items, d.events, d.test_users, self.train_seconds, self.epochs, self.batches
         );
         out.push_str("method     HR@10   NDCG@10  sampled HR@10  sampled NDCG@10\n");
         for (name, m) in [
@@ -150,6 +153,7 @@ pub fn train_and_evaluate_from(
     };
     let train_seconds = started.elapsed().as_secs_f64();
     let epochs = trained.as_ref().map_or(0, |t| t.epochs);
+    let batches = trained.as_ref().map_or(0, |t| t.batches);
     let network = trained.map(|t| t.weights);
 
     let meta = SnapshotMeta {
@@ -209,6 +213,7 @@ pub fn train_and_evaluate_from(
         },
         train_seconds,
         epochs,
+        batches,
         model,
         popular,
         item_knn,

@@ -58,6 +58,9 @@ pub struct TrainConfig {
     /// A training continued from the served model learns from the windows
     /// with new events and this many older windows per new one.
     pub replay: f64,
+    /// The learning rate of a training continued from the served model
+    /// (`0`: `learning_rate`).
+    pub continued_learning_rate: f64,
     /// Learn to predict items the user already touched.
     pub train_on_repeats: bool,
     /// Learn a category embedding added to each item's, where the catalogue
@@ -89,7 +92,8 @@ impl Default for TrainConfig {
             test_cases: 20_000,
             window_days: 365.0,
             window_events: 1_000_000,
-            replay: 1.0,
+            replay: 2.0,
+            continued_learning_rate: 5e-4,
             train_on_repeats: false,
             categories: true,
             neighbours: 100,
@@ -169,9 +173,10 @@ pub struct WarmStart<'a> {
     pub replay: f64,
 }
 
-/// A continued training's windows: every one that holds an event newer
-/// than the served model's data (`Dataset::fresh_from`), and a seeded
-/// sample of the others, `replay` of them per new one.
+/// A continued training's windows: every one that holds a transition the
+/// served model did not learn (an event newer than its data,
+/// `Dataset::fresh_from`, or one it held out), and a seeded sample of the
+/// others, `replay` of them per new one.
 fn continued_windows<'a>(
     data: &'a Dataset,
     train_len: &[usize],
@@ -181,7 +186,12 @@ fn continued_windows<'a>(
 ) -> Vec<&'a [Step]> {
     let (mut new, mut old) = (Vec::new(), Vec::new());
     for_each_window(data, train_len, max_len, |user, end, window| {
-        if end > data.fresh_from.get(user).copied().unwrap_or(0) {
+        // The served model's training held out each user's last two events
+        // (when they had three or more): with newer events those become
+        // training targets too, so a window that holds one is new.
+        let from = data.fresh_from.get(user).copied().unwrap_or(0);
+        let learned = if from >= 3 { from - 2 } else { from };
+        if end > learned {
             new.push(window);
         } else {
             old.push(window);
@@ -232,7 +242,10 @@ pub fn train_from(
     let mut opt = AdamW::new(
         net.vars(),
         ParamsAdamW {
-            lr: cfg.learning_rate,
+            lr: match warm {
+                Some(_) if cfg.continued_learning_rate > 0.0 => cfg.continued_learning_rate,
+                _ => cfg.learning_rate,
+            },
             weight_decay: cfg.weight_decay,
             ..ParamsAdamW::default()
         },
@@ -259,6 +272,14 @@ pub fn train_from(
     }
     let valid = sample_cases(valid, cfg.validation_cases, &mut rng);
     let mut best: Option<(f64, Weights, usize)> = None;
+    if warm.is_some() && !valid.is_empty() {
+        // The served weights (with the new items' rows) are epoch 0: a
+        // continued training that learns nothing better keeps them.
+        let weights = net.weights()?;
+        let score = validate(data, &weights, &valid, cfg).ndcg_full;
+        tracing::info!(validation_ndcg_full = score, "continued from");
+        best = Some((score, weights, 0));
+    }
     let mut since_best = 0;
     let mut epochs = 0;
     let mut steps = 0;
@@ -346,4 +367,44 @@ fn validate(data: &Dataset, weights: &Weights, valid: &[Case], cfg: &TrainConfig
     metrics::evaluate(data, valid, cfg.seed, |history, scores| {
         weights.score_history(history, cfg.max_len, scores)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::EventRow;
+    use crate::model::data::DatasetBuilder;
+
+    fn row(user: &str, item: usize, ts: i64) -> EventRow {
+        EventRow {
+            user_id: user.into(),
+            item_id: format!("i{item}"),
+            kind: 0,
+            timestamp_ms: ts,
+        }
+    }
+
+    /// A shopper with one event newer than the served model: the items the
+    /// served model held out for them (their last two then) are now
+    /// training targets, so their window is new. A shopper with nothing
+    /// new has no new window.
+    #[test]
+    fn a_window_with_a_once_held_out_event_is_new() {
+        let mut builder = DatasetBuilder::fresh_after(100);
+        for (user, n) in [("a", 5), ("b", 5)] {
+            for i in 0..n {
+                builder.push(row(user, i, i as i64));
+            }
+        }
+        builder.push(row("a", 9, 200));
+        let data = builder.finish();
+        assert_eq!(data.fresh_from, [5, 5]);
+        // The split of the new data: each user's last two held out.
+        let train_len = [4, 3];
+        let mut rng = StdRng::seed_from_u64(1);
+        let new = continued_windows(&data, &train_len, 50, 0.0, &mut rng);
+        assert_eq!(new, [&data.sequences[0][..4]]);
+        let all = continued_windows(&data, &train_len, 50, 1.0, &mut rng);
+        assert_eq!(all.len(), 2);
+    }
 }

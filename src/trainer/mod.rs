@@ -6,6 +6,7 @@
 
 mod gate;
 mod pipeline;
+mod replay;
 mod schedule;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +16,7 @@ pub use gate::{Gate, Verdict};
 pub use pipeline::{
     build_index, read_training_data, save_snapshot, train_candidate, Candidate, TrainingData, SNAPSHOTS_KEPT,
 };
+pub use replay::{replay, ReplayReport, Stage, STAGES};
 pub use schedule::schedule;
 
 use crate::app::App;
