@@ -133,7 +133,6 @@ pub fn train_and_evaluate_from(
         .map(|s| if s.len() >= 3 { s.len() - 1 } else { s.len() })
         .collect();
     let popularity = counts(data, &but_test);
-    let knn_train = Neighbours::build(data.items(), prefixes(data, &split.train_len), cfg.neighbours);
     let knn = Neighbours::build(data.items(), prefixes(data, &but_test), cfg.neighbours);
 
     let trained = train_from(
@@ -147,8 +146,14 @@ pub fn train_and_evaluate_from(
     )?;
     let mut rng = rand::SeedableRng::seed_from_u64(cfg.seed ^ 0x5eed);
     let valid = sample_cases(&split.valid, cfg.validation_cases, &mut rng);
-    let knn_weight = match &trained {
-        Some(t) if !valid.is_empty() => choose_knn_weight(data, &t.weights, &knn_train, &valid, cfg),
+    let knn_weight = match (&trained, warm) {
+        // A continued training keeps the served model's blend, as it keeps
+        // its shape.
+        (Some(_), Some(warm)) => warm.knn_weight,
+        (Some(t), None) if !valid.is_empty() => {
+            let knn_train = Neighbours::build(data.items(), prefixes(data, &split.train_len), cfg.neighbours);
+            choose_knn_weight(data, &t.weights, &knn_train, &valid, cfg)
+        }
         _ => 0.0,
     };
     let train_seconds = started.elapsed().as_secs_f64();

@@ -171,6 +171,8 @@ pub struct WarmStart<'a> {
     /// Windows of events the served model learned from, replayed per window
     /// with a new event (1.0: as many old as new).
     pub replay: f64,
+    /// The served model's blend weight of co-occurrence, kept.
+    pub knn_weight: f32,
 }
 
 /// A continued training's windows: every one that holds a transition the

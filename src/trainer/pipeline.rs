@@ -120,6 +120,7 @@ pub fn train_candidate(
                 .chain(data.item_ids.iter().map(|id| served.item_index(id)))
                 .collect(),
             replay: config.replay,
+            knn_weight: served.meta.knn_weight,
         })
     });
     let (mut snapshot, report) = model::train_and_evaluate_from(&data, config, progress, warm.as_ref())?;
