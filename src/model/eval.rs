@@ -28,6 +28,9 @@ pub struct EvalReport {
     pub data: DataSummary,
     pub train_seconds: f64,
     pub epochs: usize,
+    /// Optimizer steps (batches) over all epochs.
+    #[serde(default)]
+    pub batches: usize,
     pub model: Metrics,
     pub popular: Metrics,
     pub item_knn: Metrics,
@@ -38,8 +41,8 @@ impl EvalReport {
     pub fn table(&self) -> String {
         let d = &self.data;
         let mut out = format!(
-            "{} users, {} items, {} events, {} test users; trained {:.1}s, {} epochs\n\n",
-            d.users, d.items, d.events, d.test_users, self.train_seconds, self.epochs
+            "{} users, {} items, {} events, {} test users; trained {:.1}s, {} epochs, {} batches\n\n",
+            d.users, d.items, d.events, d.test_users, self.train_seconds, self.epochs, self.batches
         );
         out.push_str("method     HR@10   NDCG@10  sampled HR@10  sampled NDCG@10\n");
         for (name, m) in [
@@ -149,7 +152,7 @@ pub fn train_and_evaluate_from(
         _ => 0.0,
     };
     let train_seconds = started.elapsed().as_secs_f64();
-    let epochs = trained.as_ref().map_or(0, |t| t.epochs);
+    let (epochs, batches) = trained.as_ref().map_or((0, 0), |t| (t.epochs, t.batches));
     let network = trained.map(|t| t.weights);
 
     let meta = SnapshotMeta {
@@ -209,6 +212,7 @@ pub fn train_and_evaluate_from(
         },
         train_seconds,
         epochs,
+        batches,
         model,
         popular,
         item_knn,
@@ -232,4 +236,35 @@ pub fn evaluate_events(
     let mut data = Dataset::from_events(rows);
     data.set_categories(categories);
     Ok(train_and_evaluate(&data, cfg, progress)?.1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_says_how_many_batches_and_older_json_still_reads() {
+        let report = EvalReport {
+            data: DataSummary {
+                users: 3,
+                items: 4,
+                events: 5,
+                test_users: 1,
+            },
+            train_seconds: 1.5,
+            epochs: 2,
+            batches: 17,
+            model: Metrics::default(),
+            popular: Metrics::default(),
+            item_knn: Metrics::default(),
+        };
+        assert!(report
+            .table()
+            .starts_with("3 users, 4 items, 5 events, 1 test users; trained 1.5s, 2 epochs, 17 batches\n"));
+        // `recd eval --json` output from before the field.
+        let mut old = serde_json::to_value(&report).unwrap();
+        old.as_object_mut().unwrap().remove("batches");
+        let read: EvalReport = serde_json::from_value(old).unwrap();
+        assert_eq!(read.batches, 0);
+    }
 }

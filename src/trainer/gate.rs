@@ -191,6 +191,7 @@ mod tests {
                 },
                 train_seconds: 0.0,
                 epochs: 0,
+                batches: 0,
                 model: ndcg(model),
                 popular: ndcg(popular),
                 item_knn: ndcg(item_knn),
