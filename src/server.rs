@@ -72,6 +72,10 @@ pub async fn seed_demo(store: &Store) -> anyhow::Result<()> {
 
 pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     check_listen_address(&settings)?;
+    // The metrics recorder before anything counts: the snapshot and index
+    // loaded at start (`recd_snapshot_loads_total`, `recd_ann_loads_total`)
+    // are counted before the router, which would otherwise install it.
+    crate::telemetry::metrics_handle();
     tracing::info!(settings = ?settings, "starting recd");
     let store = open_store_waiting(&settings).await?;
     if demo {

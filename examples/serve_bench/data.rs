@@ -16,8 +16,8 @@ use recd::model::{ModelSnapshot, SnapshotMeta};
 use recd::store::{Store, StoreOptions};
 
 use crate::network::{synthetic_weights, Layout};
-use crate::report::thousands;
 use crate::server::{output_text, recd_command, sqlite_url};
+use crate::system::thousands;
 use crate::Args;
 
 /// A store ready to serve, and who is in it.

@@ -16,10 +16,9 @@ use hyper_util::rt::TokioIo;
 use rand::{Rng, SeedableRng};
 
 use crate::data::Prepared;
-use crate::report::{
-    cpu_seconds, mb, print_phase, print_states, rss_kb, thousands, user_states, warn_if_compiling, Row,
-};
+use crate::report::{print_phase, print_states, user_states, Row};
 use crate::server::{wait_for_index, wait_healthy, Server};
+use crate::system::{cpu_seconds, mb, rss_kb, thousands, warn_if_compiling};
 use crate::Args;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]

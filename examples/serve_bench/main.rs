@@ -58,6 +58,7 @@ mod load;
 mod network;
 mod report;
 mod server;
+mod system;
 
 use std::path::PathBuf;
 
@@ -67,7 +68,8 @@ use clap::{Parser, ValueEnum};
 use data::{prepare_beauty, prepare_synthetic};
 use load::{bench_scenario, Route};
 use network::Layout;
-use report::{machine, print_summary, warn_if_stale};
+use report::print_summary;
+use system::{machine, warn_if_stale};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

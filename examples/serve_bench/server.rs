@@ -1,5 +1,6 @@
 //! The `recd` child processes: the commands with the bench's settings, and
-//! the `recd serve` under load, on its own copy of a prepared store.
+//! the `recd serve` under load, on its own copy of a prepared store (or, for
+//! `scale_bench`, on a PostgreSQL store). (`scale_bench` uses this module too.)
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -63,12 +64,19 @@ impl Server {
                 std::fs::copy(&side, format!("{}{suffix}", copy.display()))?;
             }
         }
+        Server::spawn(recd, &sqlite_url(&copy), settings, run_dir)
+    }
+
+    /// `recd serve` on the store at `url` (any kind), on a free local port,
+    /// with `settings` (`KEY=VALUE`) in its environment and its output in a
+    /// log in `run_dir`, which is removed once the server is stopped.
+    pub fn spawn(recd: &Path, url: &str, settings: &[String], run_dir: TempDir) -> anyhow::Result<Server> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let log = run_dir.path().join("recd.log");
         let log_file = std::fs::File::create(&log)?;
         let started = Instant::now();
-        let mut command = recd_command(recd, &sqlite_url(&copy));
+        let mut command = recd_command(recd, url);
         for setting in settings {
             let (key, value) = setting
                 .split_once('=')

@@ -243,3 +243,34 @@ pub fn evaluate_events(
     data.set_categories(categories);
     Ok(train_and_evaluate(&data, cfg, progress)?.1)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_says_how_many_batches_and_older_json_still_reads() {
+        let report = EvalReport {
+            data: DataSummary {
+                users: 3,
+                items: 4,
+                events: 5,
+                test_users: 1,
+            },
+            train_seconds: 1.5,
+            epochs: 2,
+            batches: 17,
+            model: Metrics::default(),
+            popular: Metrics::default(),
+            item_knn: Metrics::default(),
+        };
+        assert!(report
+            .table()
+            .starts_with("3 users, 4 items, 5 events, 1 test users; trained 1.5s, 2 epochs, 17 batches\n"));
+        // `recd eval --json` output from before the field.
+        let mut old = serde_json::to_value(&report).unwrap();
+        old.as_object_mut().unwrap().remove("batches");
+        let read: EvalReport = serde_json::from_value(old).unwrap();
+        assert_eq!(read.batches, 0);
+    }
+}
