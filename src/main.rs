@@ -80,7 +80,7 @@ fn main() -> anyhow::Result<()> {
         return recd::server::eval(&settings, events, items.as_deref(), *json, *replay);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve { demo } => recd::server::run(settings, demo).await,
             Command::Import { events, items } => {
@@ -109,5 +109,10 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
         }
-    })
+    });
+    // A training (or an index build) still running on a blocking thread
+    // when the service has stopped does not hold the process: what it would
+    // have published is dropped, and the next start trains again.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }

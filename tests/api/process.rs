@@ -11,18 +11,22 @@ use serde_json::{json, Value};
 
 use crate::helpers::{free_port, fresh_database, Db};
 
-fn spawn_recd(database_url: &str, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_recd"))
-        .arg("serve")
+/// `recd serve` on the store, on the port, with no scheduled training.
+fn recd_serve(database_url: &str, port: u16) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_recd"));
+    cmd.arg("serve")
         .env("RECD_LISTEN", format!("127.0.0.1:{port}"))
         .env("RECD_DATABASE_URL", database_url)
         .env("RECD_API_KEYS", "")
         .env("RECD_TRAIN_INTERVAL", "0")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("recd starts")
+        .stderr(Stdio::inherit());
+    cmd
+}
+
+fn spawn_recd(database_url: &str, port: u16) -> Child {
+    recd_serve(database_url, port).spawn().expect("recd starts")
 }
 
 async fn wait_ready(client: &reqwest::Client, base: &str) {
@@ -204,4 +208,61 @@ async fn acknowledged_events_survive_kill_9_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_events_survive_kill_9_sqlite() {
     acknowledged_events_survive_kill_9(Db::Sqlite).await;
+}
+
+/// SIGTERM in the middle of a long training: the service stops at once
+/// (the training's result is dropped; the next start trains again), and
+/// does not wait for the training's time limit. One store: what is tested
+/// is the process, not the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_wait_for_a_running_training() {
+    let Some((url, _dir)) = fresh_database(Db::Sqlite).await else {
+        return;
+    };
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = recd_serve(&url, port)
+        .arg("--demo")
+        .env("RECD_TRAIN_INTERVAL", "10m")
+        .env("RECD_FIRST_TRAINING_SECONDS", "900")
+        .env("RECD_TRAIN__MAX_TRAIN_SECONDS", "900")
+        .env("RECD_TRAIN__MAX_EPOCHS", "10000")
+        .env("RECD_TRAIN__PATIENCE", "10000")
+        .spawn()
+        .expect("recd starts");
+    let client = reqwest::Client::new();
+    wait_ready(&client, &base).await;
+    let mut training = false;
+    for _ in 0..600 {
+        let model: Value = client
+            .get(format!("{base}/v1/model"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if model["replica"]["training"] == true {
+            training = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(training, "the demo's first training started");
+    // Well into the training, which would run for 15 minutes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal(&child, "-TERM");
+    let mut status = None;
+    for _ in 0..600 {
+        if let Some(s) = child.try_wait().unwrap() {
+            status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let Some(status) = status else {
+        let _ = child.kill();
+        panic!("recd was still running 60 s after SIGTERM, waiting for its training");
+    };
+    assert!(status.success(), "recd exits 0 on SIGTERM, got {status}");
 }
