@@ -275,19 +275,18 @@ fn tiny_data_gives_an_error_or_a_popular_snapshot() {
 fn recd_eval_prints_the_promised_json() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_events_csv(dir.path(), &planted_shop(80, 4));
-    let run = |json: bool| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_recd"));
-        cmd.args(["eval", "--events"])
+    let run = |flags: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_recd"))
+            .args(["eval", "--events"])
             .arg(&path)
+            .args(flags)
             .env("RECD_TRAIN__MAX_EPOCHS", "2")
             .env("RECD_TRAIN__DIM", "8")
-            .env("RECD_TRAIN__HIDDEN", "8");
-        if json {
-            cmd.arg("--json");
-        }
-        cmd.output().unwrap()
+            .env("RECD_TRAIN__HIDDEN", "8")
+            .output()
+            .unwrap()
     };
-    let out = run(true);
+    let out = run(&["--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let keys = |v: &serde_json::Value| {
@@ -297,8 +296,17 @@ fn recd_eval_prints_the_promised_json() {
     };
     assert_eq!(
         keys(&report),
-        ["data", "epochs", "item_knn", "model", "popular", "train_seconds"]
+        [
+            "batches",
+            "data",
+            "epochs",
+            "item_knn",
+            "model",
+            "popular",
+            "train_seconds"
+        ]
     );
+    assert!(report["batches"].as_u64().unwrap() >= 1);
     assert_eq!(keys(&report["data"]), ["events", "items", "test_users", "users"]);
     for method in ["model", "popular", "item_knn"] {
         assert_eq!(
@@ -309,9 +317,29 @@ fn recd_eval_prints_the_promised_json() {
     assert_eq!(report["data"]["users"], 80);
     assert!(report["epochs"].as_u64().unwrap() <= 2);
 
-    let table = run(false);
+    let table = run(&[]);
     assert!(table.status.success());
     assert!(String::from_utf8_lossy(&table.stdout).contains("item-kNN"));
+
+    // `--replay --json`: five trainings in time order and one from scratch.
+    let replay = run(&["--replay", "--json"]);
+    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
+    let replay: serde_json::Value = serde_json::from_slice(&replay.stdout).unwrap();
+    assert_eq!(
+        keys(&replay),
+        [
+            "batches_ratio",
+            "continued_batches",
+            "continued_seconds",
+            "scratch",
+            "seconds_ratio",
+            "stages",
+            "test_users"
+        ]
+    );
+    let stages = replay["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 5);
+    assert_eq!(stages[4]["events"], replay["scratch"]["events"]);
 
     // With a catalogue file, its categories are read as a model input.
     let items = dir.path().join("items.csv");
