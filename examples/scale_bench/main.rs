@@ -64,13 +64,13 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context};
+use anyhow::ensure;
 use clap::Parser;
 use serde_json::Value;
 
-use server::{output_text, recd_command, wait_healthy, Server};
+use server::{output_text, recd_command, release_recd, wait_healthy, with_settings, Server};
 use shop::ShopSize;
-use system::{machine, rss_kb, thousands, warn_if_compiling, warn_if_stale};
+use system::{machine, rss_kb, thousands, warn_if_compiling};
 use table::{gib, Table, Targets};
 use traffic::{ingest, Ingest, ReadLoad};
 
@@ -169,15 +169,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo.join("target"), PathBuf::from);
-    let recd = args.recd.clone().unwrap_or_else(|| target.join("release/recd"));
-    ensure!(
-        recd.is_file(),
-        "no recd binary at {}: run `cargo build --release` first (or give --recd PATH)",
-        recd.display()
-    );
-    warn_if_stale(&recd, &repo);
+    let (recd, _) = release_recd(args.recd.clone())?;
     let size = args.size();
     let targets = Targets {
         large: args.events >= 50_000_000,
@@ -209,43 +201,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
         warn_if_compiling();
         pg::fresh_database(&recd, &url).await?;
         let loaded = pg::bulk_load(&url, size, end_ms, args.days, now).await?;
-        println!(
-            "loaded {} events of {} users and {} items in {:.0} s: {} events/s \
-             (COPY {:.0} s, indexes {:.0} s, ANALYZE {:.0} s); {} partitions; database {:.1} GB",
+        let shop = format!(
+            "{} events, {} users with events, {} items, {} categories, {} monthly partitions, {:.1} GB",
             thousands(loaded.events as f64),
             thousands(loaded.users as f64),
             thousands(loaded.items as f64),
-            loaded.total_seconds,
-            thousands(loaded.rate()),
-            loaded.copy_seconds,
-            loaded.index_seconds,
-            loaded.analyze_seconds,
+            size.categories,
             loaded.partitions,
             loaded.bytes as f64 / 1e9
         );
-        table.figure(
-            "shop",
-            format!(
-                "{} events, {} users with events, {} items, {} categories, {} monthly partitions, {:.1} GB",
-                thousands(loaded.events as f64),
-                thousands(loaded.users as f64),
-                thousands(loaded.items as f64),
-                size.categories,
-                loaded.partitions,
-                loaded.bytes as f64 / 1e9
-            ),
+        let load = format!(
+            "{} events/s ({:.0} s: COPY {:.0}, indexes {:.0}, ANALYZE {:.0})",
+            thousands(loaded.rate()),
+            loaded.total_seconds,
+            loaded.copy_seconds,
+            loaded.index_seconds,
+            loaded.analyze_seconds
         );
-        table.figure(
-            "bulk load (`COPY`, indexes, `ANALYZE`)",
-            format!(
-                "{} events/s ({:.0} s: COPY {:.0}, indexes {:.0}, ANALYZE {:.0})",
-                thousands(loaded.rate()),
-                loaded.total_seconds,
-                loaded.copy_seconds,
-                loaded.index_seconds,
-                loaded.analyze_seconds
-            ),
-        );
+        println!("loaded {shop}: {load}");
+        table.figure("shop", shop);
+        table.figure("bulk load (`COPY`, indexes, `ANALYZE`)", load);
 
         // 2. `recd train`.
         println!("\n## recd train");
@@ -354,12 +329,7 @@ struct Trained {
 fn train(recd: &Path, url: &str, settings: &[String], timeout: Duration) -> anyhow::Result<Trained> {
     let log = tempfile::NamedTempFile::new()?;
     let mut command = recd_command(recd, url);
-    for setting in settings {
-        let (key, value) = setting
-            .split_once('=')
-            .with_context(|| format!("--train-env {setting:?}: expected KEY=VALUE"))?;
-        command.env(key, value);
-    }
+    with_settings(&mut command, settings, "--train-env")?;
     let started = Instant::now();
     let mut child = command
         .arg("train")

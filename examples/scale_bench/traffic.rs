@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -103,20 +102,21 @@ impl Reads {
         self.latencies.get(&endpoint).map_or(0, Vec::len)
     }
 
-    pub fn errors(&self, endpoint: Endpoint) -> u64 {
+    /// Non-2xx answers of endpoints and statuses that `which` picks.
+    fn non_2xx(&self, which: impl Fn(Endpoint, u16) -> bool) -> u64 {
         self.statuses
             .iter()
-            .filter(|((e, _), _)| *e == endpoint)
+            .filter(|((e, s), _)| which(*e, *s))
             .map(|(_, n)| n)
             .sum()
     }
 
+    pub fn errors(&self, endpoint: Endpoint) -> u64 {
+        self.non_2xx(|e, _| e == endpoint)
+    }
+
     pub fn status_count(&self, status: u16) -> u64 {
-        self.statuses
-            .iter()
-            .filter(|((_, s), _)| *s == status)
-            .map(|(_, n)| n)
-            .sum()
+        self.non_2xx(|_, s| s == status)
     }
 
     pub fn all_errors(&self) -> u64 {
@@ -214,16 +214,6 @@ impl ReadLoad {
 
 type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
 
-async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(sender)
-}
-
 /// One request on a keep-alive connection (made anew when there is none):
 /// the status and body.
 async fn request(
@@ -235,7 +225,7 @@ async fn request(
 ) -> anyhow::Result<(u16, Bytes)> {
     let mut conn = match sender.take() {
         Some(s) => s,
-        None => connect(addr).await?,
+        None => crate::server::connect(addr).await?,
     };
     let request = hyper::Request::builder()
         .method(method)

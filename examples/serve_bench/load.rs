@@ -12,7 +12,6 @@ use anyhow::{ensure, Context};
 use clap::ValueEnum;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use rand::{Rng, SeedableRng};
 
 use crate::data::Prepared;
@@ -198,16 +197,6 @@ async fn run_phase(addr: SocketAddr, route: Route, users: Arc<Vec<String>>, args
 
 type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
-async fn connect(addr: SocketAddr) -> anyhow::Result<Sender> {
-    let stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(sender)
-}
-
 /// One keep-alive connection issuing requests back to back until `end`;
 /// only requests started at or after `start` are counted.
 async fn connection(
@@ -228,7 +217,7 @@ async fn connection(
     while Instant::now() < end {
         let mut conn = match sender.take() {
             Some(s) => s,
-            None => match connect(addr).await {
+            None => match crate::server::connect(addr).await {
                 Ok(s) => s,
                 Err(e) => {
                     note_transport_error(&mut stats, Instant::now() >= start, format!("connect: {e}"));

@@ -69,7 +69,7 @@ use data::{prepare_beauty, prepare_synthetic};
 use load::{bench_scenario, Route};
 use network::Layout;
 use report::print_summary;
-use system::{machine, warn_if_stale};
+use system::machine;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -168,15 +168,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
              (or run --scenario synthetic, which needs none)",
         )?),
     };
-    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo.join("target"), PathBuf::from);
-    let recd = args.recd.clone().unwrap_or_else(|| target.join("release/recd"));
-    ensure!(
-        recd.is_file(),
-        "no recd binary at {}: run `cargo build --release` first (or give --recd PATH)",
-        recd.display()
-    );
-    warn_if_stale(&recd, &repo);
+    let (recd, target) = server::release_recd(args.recd.clone())?;
     let cache = args.cache.clone().unwrap_or_else(|| target.join("serve-bench"));
     std::fs::create_dir_all(&cache)?;
 

@@ -30,6 +30,51 @@ pub fn recd_command(recd: &Path, url: &str) -> Command {
     cmd
 }
 
+/// Adds settings given as `KEY=VALUE` (from the command line's `flag`) to
+/// `command`'s environment.
+pub fn with_settings(command: &mut Command, settings: &[String], flag: &str) -> anyhow::Result<()> {
+    for setting in settings {
+        let (key, value) = setting
+            .split_once('=')
+            .with_context(|| format!("{flag} {setting:?}: expected KEY=VALUE"))?;
+        command.env(key, value);
+    }
+    Ok(())
+}
+
+/// The release `recd` to drive (`given`, or the one `cargo build
+/// --release` makes) and the target folder; warns when it is older than
+/// the sources.
+pub fn release_recd(given: Option<PathBuf>) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| repo.join("target"), PathBuf::from);
+    let recd = given.unwrap_or_else(|| target.join("release/recd"));
+    anyhow::ensure!(
+        recd.is_file(),
+        "no recd binary at {}: run `cargo build --release` first (or give --recd PATH)",
+        recd.display()
+    );
+    crate::system::warn_if_stale(&recd, &repo);
+    Ok((recd, target))
+}
+
+/// A keep-alive HTTP/1 connection to the server, requests with bodies of
+/// type `B`.
+pub async fn connect<B>(addr: SocketAddr) -> anyhow::Result<hyper::client::conn::http1::SendRequest<B>>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
 pub fn output_text(output: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -77,12 +122,7 @@ impl Server {
         let log_file = std::fs::File::create(&log)?;
         let started = Instant::now();
         let mut command = recd_command(recd, url);
-        for setting in settings {
-            let (key, value) = setting
-                .split_once('=')
-                .with_context(|| format!("--server-env {setting:?}: expected KEY=VALUE"))?;
-            command.env(key, value);
-        }
+        with_settings(&mut command, settings, "--server-env")?;
         let child = command
             .arg("serve")
             .env("RECD_LISTEN", addr.to_string())
