@@ -41,6 +41,11 @@ async fn wait_ready(client: &reqwest::Client, base: &str) {
     panic!("recd did not become ready at {base}");
 }
 
+/// The JSON answer to a request that must be answered.
+async fn json_of(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
+}
+
 fn signal(child: &Child, name: &str) {
     let status = Command::new("kill")
         .args([name, &child.id().to_string()])
@@ -173,15 +178,12 @@ async fn acknowledged_events_survive_kill_9(db: Db) {
 
     let mut duplicates = 0;
     for events in &sent {
-        let reply: Value = client
-            .post(format!("{base}/v1/events"))
-            .json(&json!({"events": events}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let reply = json_of(
+            client
+                .post(format!("{base}/v1/events"))
+                .json(&json!({"events": events})),
+        )
+        .await;
         duplicates += reply["duplicates"].as_u64().unwrap();
     }
     assert!(
@@ -234,14 +236,7 @@ async fn sigterm_does_not_wait_for_a_running_training() {
     wait_ready(&client, &base).await;
     let mut training = false;
     for _ in 0..600 {
-        let model: Value = client
-            .get(format!("{base}/v1/model"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let model = json_of(client.get(format!("{base}/v1/model"))).await;
         if model["replica"]["training"] == true {
             training = true;
             break;
