@@ -31,6 +31,32 @@ pub struct Settings {
     #[serde(deserialize_with = "duration")]
     pub request_timeout: Duration,
     pub max_concurrent_requests: usize,
+    /// A request that finds `max_concurrent_requests` busy waits this long
+    /// for a turn before it is answered 503 with Retry-After.
+    #[serde(deserialize_with = "duration")]
+    pub queue_timeout: Duration,
+    /// At most this many requests wait for a turn; more are answered 503
+    /// at once.
+    pub max_queued_requests: usize,
+    /// A connection that has not sent a whole request head this long after
+    /// it opened (or after its previous response) is closed.
+    #[serde(deserialize_with = "duration")]
+    pub header_read_timeout: Duration,
+    /// A request body that has not arrived whole this long after its head
+    /// is answered 408.
+    #[serde(deserialize_with = "duration")]
+    pub body_read_timeout: Duration,
+    /// Origins whose pages may call the read endpoints from a browser
+    /// (CORS); empty: none (no CORS headers at all).
+    #[serde(deserialize_with = "list")]
+    pub cors_origins: Vec<String>,
+    /// Peers whose X-Forwarded-For is believed (addresses or networks); the
+    /// rate limit keys requests without an API key by the client address.
+    #[serde(deserialize_with = "networks")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Token buckets per API key and scope (`[rate_limit]`); off unless set.
+    #[serde(default)]
+    pub rate_limit: RateLimits,
     #[serde(deserialize_with = "duration")]
     pub shutdown_grace: Duration,
     /// A scheduled training waits for this many events newer than the
@@ -115,6 +141,33 @@ impl Settings {
             .merge(("database_url", url))
             .extract()?;
         Ok(settings)
+    }
+}
+
+/// Requests per second and burst for each scope's routes, per API key (or
+/// per client address when no keys are configured); a rate of `0` leaves
+/// that scope unlimited.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(default)]
+pub struct RateLimits {
+    pub read: f64,
+    pub read_burst: u32,
+    pub write: f64,
+    pub write_burst: u32,
+    pub admin: f64,
+    pub admin_burst: u32,
+}
+
+impl RateLimits {
+    /// The rate (per second) and burst of a scope's routes, if limited.
+    pub fn of(&self, scope: Scope) -> Option<(f64, u32)> {
+        let (rate, burst) = match scope {
+            Scope::Read => (self.read, self.read_burst),
+            Scope::Write => (self.write, self.write_burst),
+            Scope::Admin => (self.admin, self.admin_burst),
+        };
+        // A burst below one request would refuse everything.
+        (rate > 0.0).then(|| (rate, burst.max(1)))
     }
 }
 
@@ -223,6 +276,29 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         return Ok(Duration::from_secs(secs));
     }
     humantime::parse_duration(text).map_err(|e| format!("invalid duration {text:?}: {e}"))
+}
+
+/// A comma-separated list (a string, from TOML or the environment).
+fn list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let text = String::deserialize(d)?;
+    Ok(text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Addresses (`10.0.0.7`) or networks (`10.0.0.0/8`), comma-separated.
+fn networks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ipnet::IpNet>, D::Error> {
+    list(d)?
+        .into_iter()
+        .map(|text| {
+            text.parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| serde::de::Error::custom(format!("{text:?} is not an IP address or network")))
+        })
+        .collect()
 }
 
 fn api_keys<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ApiKey>, D::Error> {

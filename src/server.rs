@@ -18,6 +18,8 @@ pub fn store_options(settings: &Settings) -> StoreOptions {
     StoreOptions {
         max_connections: settings.database_max_connections,
         acquire_timeout: settings.database_acquire_timeout,
+        // A write may wait its turn as long as its request may take.
+        write_timeout: settings.request_timeout,
     }
 }
 
@@ -72,6 +74,7 @@ pub async fn seed_demo(store: &Store) -> anyhow::Result<()> {
 
 pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     check_listen_address(&settings)?;
+    raise_open_file_limit();
     // The metrics recorder before anything counts: the snapshot and index
     // loaded at start (`recd_snapshot_loads_total`, `recd_ann_loads_total`)
     // are counted before the router, which would otherwise install it.
@@ -167,23 +170,35 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let grace = app.settings.shutdown_grace;
+    let header_read_timeout = app.settings.header_read_timeout;
     app.start();
     let (tx, rx) = tokio::sync::watch::channel(false);
-    let server = axum::serve(listener, crate::http::router(app.clone())).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = tx.send(true);
-    });
-    let deadline = async move {
-        let mut rx = rx;
-        let _ = rx.wait_for(|stopping| *stopping).await;
-        tokio::time::sleep(grace).await;
-    };
+    let mut server = std::pin::pin!(crate::http::conn::serve(
+        listener,
+        crate::http::router(app.clone()),
+        header_read_timeout,
+        rx,
+    ));
     tokio::select! {
-        result = server => result?,
-        () = deadline => tracing::warn!("shutdown deadline passed; dropping unfinished requests"),
+        () = &mut server => {}
+        () = shutdown => {
+            let _ = tx.send(true);
+            if tokio::time::timeout(grace, server).await.is_err() {
+                tracing::warn!("shutdown deadline passed; dropping unfinished requests");
+            }
+        }
     }
     app.stop().await;
     Ok(())
+}
+
+/// Each connection holds a descriptor: the soft limit (often 1,024) goes up
+/// to the hard one, so that thousands of clients do not exhaust it.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::info!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
 }
 
 /// Waits for SIGTERM or ctrl-c.

@@ -20,14 +20,15 @@ impl Keys {
         Keys(keys.iter().map(|k| (k.scope, digest(&k.key))).collect())
     }
 
-    /// The scope of the key, if it is one of ours.
-    fn scope_of(&self, presented: &str) -> Option<Scope> {
+    /// The scope of the key, if it is one of ours, and the position of
+    /// (the first) key that matched.
+    fn scope_of(&self, presented: &str) -> Option<(Scope, usize)> {
         let presented = digest(presented);
         // Every key is compared, so the time does not say which matched.
-        let mut found = None;
-        for (scope, key) in &self.0 {
+        let mut found: Option<(Scope, usize)> = None;
+        for (at, (scope, key)) in self.0.iter().enumerate() {
             if bool::from(key.ct_eq(&presented)) {
-                found = Some(found.map_or(*scope, |s: Scope| s.max(*scope)));
+                found = Some(found.map_or((*scope, at), |(s, first)| (s.max(*scope), first)));
             }
         }
         found
@@ -40,7 +41,7 @@ fn digest(key: &str) -> [u8; 32] {
 
 /// What each route needs: reads need `read`; erasing a user and starting a
 /// training need `admin`; every other write needs `write`.
-fn needed_scope(method: &Method, path: &str) -> (Scope, &'static str) {
+pub(super) fn needed_scope(method: &Method, path: &str) -> (Scope, &'static str) {
     if *method == Method::GET || *method == Method::HEAD {
         (Scope::Read, "read")
     } else if path.starts_with("/v1/users/") || path.starts_with("/v1/model") {
@@ -52,7 +53,7 @@ fn needed_scope(method: &Method, path: &str) -> (Scope, &'static str) {
 
 pub(super) async fn require_scope(
     State(state): State<AppState>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     if state.keys.0.is_empty() {
@@ -66,10 +67,12 @@ pub(super) async fn require_scope(
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .ok_or(ApiError::Unauthorized)?;
-    let scope = state.keys.scope_of(presented).ok_or(ApiError::Unauthorized)?;
+    let (scope, key) = state.keys.scope_of(presented).ok_or(ApiError::Unauthorized)?;
     let (needed, action) = needed_scope(request.method(), request.uri().path());
     if !scope.allows(needed) {
         return Err(ApiError::Forbidden(action));
     }
+    // The rate limit counts the request against this key.
+    request.extensions_mut().insert(super::rate_limit::Caller::Key(key));
     Ok(next.run(request).await)
 }

@@ -62,6 +62,10 @@ pub enum ApiError {
     Invalid { detail: String, errors: Vec<Invalid> },
     #[error("the server is busy; retry shortly")]
     Overloaded,
+    #[error("this API key (or client) sent too many requests; retry in {retry_after} s")]
+    TooManyRequests { retry_after: u64 },
+    #[error("the request body did not arrive within {0} ms")]
+    BodyTimeout(u128),
     #[error("the store is unavailable; retry shortly")]
     Unavailable,
     #[error("internal error")]
@@ -87,7 +91,7 @@ impl ApiError {
     }
 
     /// The table: status, problem type slug, title, and Retry-After.
-    fn parts(&self) -> (StatusCode, &'static str, &'static str, Option<u32>) {
+    fn parts(&self) -> (StatusCode, &'static str, &'static str, Option<u64>) {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "malformed-request", "Malformed request", None),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized", None),
@@ -102,6 +106,13 @@ impl ApiError {
                 None,
             ),
             ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", "Overloaded", Some(1)),
+            ApiError::TooManyRequests { retry_after } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate-limited",
+                "Too many requests",
+                Some(*retry_after),
+            ),
+            ApiError::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body-timeout", "Request timeout", None),
             ApiError::Unavailable => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store-unavailable",

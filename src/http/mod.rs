@@ -4,35 +4,42 @@
 //! 1. panics become 500 problems, and every request gets a span and metrics;
 //! 2. error statuses made by the layers below (404 without a route, 405, 413,
 //!    415, timeouts) are turned into `application/problem+json`;
-//! 3. a timeout, and a bound on requests in flight that sheds load at once
-//!    (503 + Retry-After) instead of queueing;
-//! 4. a 1 MiB limit on the body as sent (Content-Length checked before a byte
+//! 3. CORS for the origins configured (none by default);
+//! 4. a timeout (503 for slow handlers);
+//! 5. a 1 MiB limit on the body as sent (Content-Length checked before a byte
 //!    is read), then gzip inflation up to 5 MiB;
-//! 5. the API-key check, by the scope each route needs.
+//! 6. on the API's routes: the API-key check, by the scope each route needs;
+//!    the rate limit per key ([`rate_limit`]); admission, a bound on requests
+//!    in flight with a short bounded queue ([`admission`]); and the body read
+//!    whole within `body_read_timeout` (408 otherwise).
+//!
+//! [`conn`] serves the connections (header read timeout, lingering close).
 
+mod admission;
 mod auth;
+pub mod conn;
 pub mod error;
 mod events;
 mod items;
 mod model;
 mod ops;
 mod profile;
+mod rate_limit;
 mod recommend;
 mod users;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use axum::error_handling::HandleErrorLayer;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::http::{header, StatusCode};
+use axum::body::{Body, HttpBody};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::{BoxError, Router};
+use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tower::limit::GlobalConcurrencyLimitLayer;
-use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
@@ -82,24 +89,34 @@ pub fn router(app: App) -> Router {
         metrics: crate::telemetry::metrics_handle(),
         app,
     }));
-    // One semaphore for the whole API (a plain concurrency limit would give
+    // One admission for the whole API (a plain concurrency limit would give
     // each route its own). Health and metrics stay outside it, so a busy
     // server still answers its probes.
-    let shed = ServiceBuilder::new()
-        .layer(HandleErrorLayer::new(|_: BoxError| async { ApiError::Overloaded }))
-        .load_shed()
-        .layer(GlobalConcurrencyLimitLayer::new(state.settings.max_concurrent_requests));
-    let api = Router::new()
+    let settings = &state.settings;
+    let admission = admission::Admission::new(
+        settings.max_concurrent_requests,
+        settings.max_queued_requests,
+        settings.queue_timeout,
+    );
+    let rate_limit = rate_limit::RateLimit::new(&settings.rate_limit, &settings.trusted_proxies);
+    let mut api = Router::new()
         .merge(events::router())
         .merge(items::router())
         .merge(profile::router())
         .merge(users::router())
         .merge(recommend::router())
         .merge(model::router())
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_scope))
-        .layer(shed);
+        .route_layer(middleware::from_fn_with_state(
+            settings.body_read_timeout,
+            read_body_within,
+        ))
+        .route_layer(middleware::from_fn_with_state(admission, admission::admit));
+    if !rate_limit.is_off() {
+        api = api.route_layer(middleware::from_fn_with_state(rate_limit, rate_limit::limit));
+    }
+    let api = api.route_layer(middleware::from_fn_with_state(state.clone(), auth::require_scope));
 
-    Router::new()
+    let mut router = Router::new()
         .merge(api)
         .merge(ops::router())
         .route_layer(middleware::from_fn(remember_route))
@@ -108,15 +125,77 @@ pub fn router(app: App) -> Router {
         .layer(RequestBodyLimitLayer::new(MAX_BODY))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::SERVICE_UNAVAILABLE,
-            state.settings.request_timeout,
-        ))
+            settings.request_timeout,
+        ));
+    if let Some(cors) = cors(&settings.cors_origins) {
+        router = router.layer(cors);
+    }
+    router
         .layer(middleware::from_fn(problems_for_bare_errors))
+        .layer(middleware::from_fn(close_after_refusal))
         .layer(middleware::from_fn(record_metrics))
         .layer(TraceLayer::new_for_http())
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response()
         }))
         .with_state(state)
+}
+
+/// Browsers on these origins may call the read endpoints with an API key;
+/// `None` without origins (no CORS headers at all). `*` allows any origin.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allowed = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allowed)
+            .allow_methods([Method::GET, Method::HEAD])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .expose_headers([
+                header::RETRY_AFTER,
+                header::HeaderName::from_static("ratelimit-limit"),
+                header::HeaderName::from_static("ratelimit-remaining"),
+                header::HeaderName::from_static("ratelimit-reset"),
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+/// Reads the request's body whole before the handler runs, within
+/// `limit`: a client that stalls mid-body gets 408 instead of holding a
+/// turn until the request timeout. A body past the size limits is 413.
+async fn read_body_within(State(limit): State<Duration>, request: Request, next: Next) -> Response {
+    if request.body().size_hint().exact() == Some(0) {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(limit, axum::body::to_bytes(body, MAX_INFLATED_BODY)).await {
+        Err(_) => {
+            metrics::counter!("recd_http_body_timeouts_total").increment(1);
+            ApiError::BodyTimeout(limit.as_millis()).into_response()
+        }
+        Ok(Err(e)) if too_large(&e) => ApiError::TooLarge(MAX_BODY).into_response(),
+        Ok(Err(e)) => ApiError::BadRequest(format!("the body could not be read: {e}")).into_response(),
+        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+    }
+}
+
+/// Whether a body error is one of the size limits (as sent or inflated).
+fn too_large(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(error) = source {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
 }
 
 /// The route a request matched, passed outwards to the metrics layer.
@@ -147,6 +226,23 @@ async fn record_metrics(request: Request, next: Next) -> Response {
     ];
     metrics::counter!("recd_http_requests_total", &labels).increment(1);
     metrics::histogram!("recd_http_request_duration_seconds", &labels).record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// A request with a body that is refused may not have had its body read
+/// (401, 413 by its length, 429, 503...): its connection cannot carry
+/// another request, so the answer says `Connection: close` and the client
+/// does not reuse it. (The connection then lingers to read the rest; see
+/// [`conn`].)
+async fn close_after_refusal(request: Request, next: Next) -> Response {
+    let has_body = request.body().size_hint().exact() != Some(0);
+    let mut response = next.run(request).await;
+    let status = response.status();
+    if has_body && (status.is_client_error() || status.is_server_error()) {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     response
 }
 

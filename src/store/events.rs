@@ -120,8 +120,8 @@ impl Store {
                     result => Ok(result?),
                 }
             }
-            Store::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
+            Store::Sqlite(sqlite) => {
+                let mut tx = sqlite.write.begin().await?;
                 // One multi-row statement per chunk: SQLite allows 32766
                 // parameters, 9 a row.
                 let mut inserted = 0;
@@ -183,7 +183,8 @@ impl Store {
                     }
                 }
             }
-            Store::Sqlite(pool) => {
+            Store::Sqlite(sqlite) => {
+                let pool = &sqlite.write;
                 let Some(before) = before_ms else {
                     return Ok(retired);
                 };

@@ -16,13 +16,31 @@ use crate::domain::{Item, NewEvent};
 static PG_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
-/// Runs the same expression on whichever pool the store holds. The body is
-/// compiled once per database, so the SQL in it must suit both.
+/// Runs the same expression on whichever pool the store holds (on SQLite,
+/// the readers' pool). The body is compiled once per database, so the SQL
+/// in it must suit both.
 macro_rules! on_pool {
     ($store:expr, $pool:ident => $body:expr) => {
         match $store {
             Store::Postgres($pool) => $body,
-            Store::Sqlite($pool) => $body,
+            Store::Sqlite(sqlite) => {
+                let $pool = &sqlite.read;
+                $body
+            }
+        }
+    };
+}
+
+/// As `on_pool!`, for statements that write: on SQLite they go through the
+/// one writer connection.
+macro_rules! on_writer {
+    ($store:expr, $pool:ident => $body:expr) => {
+        match $store {
+            Store::Postgres($pool) => $body,
+            Store::Sqlite(sqlite) => {
+                let $pool = &sqlite.write;
+                $body
+            }
         }
     };
 }
@@ -131,7 +149,17 @@ pub struct PoolStats {
 #[derive(Clone, Debug)]
 pub enum Store {
     Postgres(PgPool),
-    Sqlite(SqlitePool),
+    Sqlite(Sqlite),
+}
+
+/// An SQLite file allows one writer at a time. Rather than let writers
+/// collide on its lock (each polling until the busy timeout, unfairly),
+/// every write goes through one connection whose waiters queue in order;
+/// readers have a pool of their own and, in WAL mode, never wait for it.
+#[derive(Clone, Debug)]
+pub struct Sqlite {
+    pub read: SqlitePool,
+    pub write: SqlitePool,
 }
 
 /// How to open the store.
@@ -139,6 +167,9 @@ pub enum Store {
 pub struct StoreOptions {
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// SQLite: how long a write may wait for its turn on the writer
+    /// connection.
+    pub write_timeout: Duration,
 }
 
 impl Default for StoreOptions {
@@ -146,6 +177,7 @@ impl Default for StoreOptions {
         StoreOptions {
             max_connections: 16,
             acquire_timeout: Duration::from_millis(1500),
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -168,7 +200,7 @@ impl Store {
     pub async fn migrate(&self) -> Result<()> {
         match self {
             Store::Postgres(pool) => PG_MIGRATIONS.run(pool).await?,
-            Store::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await?,
+            Store::Sqlite(sqlite) => SQLITE_MIGRATIONS.run(&sqlite.write).await?,
         }
         Ok(())
     }
@@ -195,6 +227,9 @@ impl Store {
     }
 
     pub async fn close(&self) {
+        if let Store::Sqlite(sqlite) = self {
+            sqlite.write.close().await;
+        }
         on_pool!(self, pool => pool.close().await)
     }
 
@@ -240,7 +275,7 @@ impl Store {
              ON CONFLICT (item_id) DO UPDATE SET title = excluded.title, categories = excluded.categories,
                price = excluded.price, available = excluded.available, attributes = excluded.attributes,
                deleted = FALSE, updated_at = excluded.updated_at";
-        on_pool!(self, pool => {
+        on_writer!(self, pool => {
             let mut tx = pool.begin().await?;
             for item in items {
                 sqlx::query(UPSERT)
@@ -279,8 +314,7 @@ impl Store {
     /// Marks the item deleted; false if there was no such (live) item.
     pub async fn delete_item(&self, item_id: &str, now_ms: i64) -> Result<bool> {
         const DELETE: &str = "UPDATE items SET deleted = TRUE, updated_at = $2 WHERE item_id = $1 AND NOT deleted";
-        let n =
-            on_pool!(self, pool => sqlx::query(DELETE).bind(item_id).bind(now_ms).execute(pool).await?.rows_affected());
+        let n = on_writer!(self, pool => sqlx::query(DELETE).bind(item_id).bind(now_ms).execute(pool).await?.rows_affected());
         Ok(n > 0)
     }
 
@@ -308,9 +342,9 @@ impl Store {
                 tx.commit().await?;
                 n
             }
-            Store::Sqlite(pool) => sqlx::query("DELETE FROM events WHERE user_id = $1")
+            Store::Sqlite(sqlite) => sqlx::query("DELETE FROM events WHERE user_id = $1")
                 .bind(user_id)
-                .execute(pool)
+                .execute(&sqlite.write)
                 .await?
                 .rows_affected(),
         };
@@ -326,7 +360,7 @@ impl Store {
     /// Stores a snapshot and forgets all but the newest `keep`.
     pub async fn save_snapshot(&self, row: &SnapshotRow<'_>, keep: i64) -> Result<()> {
         let version = row.version;
-        on_pool!(self, pool => {
+        on_writer!(self, pool => {
             let mut tx = pool.begin().await?;
             sqlx::query("INSERT INTO snapshots (version, created_at, meta, bytes) VALUES ($1, $2, $3, $4)")
                 .bind(version)
@@ -429,7 +463,7 @@ async fn create_postgres_database(connect: &PgConnectOptions) -> Result<()> {
     }
 }
 
-async fn open_sqlite(url: &str, options: &StoreOptions) -> Result<SqlitePool> {
+async fn open_sqlite(url: &str, options: &StoreOptions) -> Result<Sqlite> {
     let connect = SqliteConnectOptions::from_str(url)?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
@@ -443,10 +477,16 @@ async fn open_sqlite(url: &str, options: &StoreOptions) -> Result<SqlitePool> {
             std::fs::create_dir_all(parent).map_err(|e| StoreError::Other(sqlx::Error::Io(e)))?;
         }
     }
-    let pool = SqlitePoolOptions::new()
+    // The writer first: it creates the file and turns WAL on.
+    let write = SqlitePoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(options.write_timeout)
+        .connect_with(connect.clone())
+        .await?;
+    let read = SqlitePoolOptions::new()
         .max_connections(options.max_connections)
         .acquire_timeout(options.acquire_timeout)
         .connect_with(connect)
         .await?;
-    Ok(pool)
+    Ok(Sqlite { read, write })
 }

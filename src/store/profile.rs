@@ -103,7 +103,8 @@ impl Store {
                     .await?
             }
             // No arrays in SQLite: the ids travel as one JSON array.
-            Store::Sqlite(pool) => {
+            Store::Sqlite(sqlite) => {
+                let pool = &sqlite.read;
                 let ids = serde_json::Value::from(item_ids.to_vec()).to_string();
                 sqlx::query_as(
                     "SELECT item_id, categories FROM items WHERE item_id IN (SELECT value FROM json_each($1))",

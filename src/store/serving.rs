@@ -213,7 +213,7 @@ impl Store {
 
     /// Records that a training run started.
     pub async fn start_training(&self, id: &str, started_at: i64, replica: &str) -> Result<()> {
-        on_pool!(self, pool => sqlx::query(
+        on_writer!(self, pool => sqlx::query(
             "INSERT INTO trainings (id, started_at, outcome, replica) VALUES ($1, $2, 'running', $3)",
         )
         .bind(id)
@@ -234,7 +234,7 @@ impl Store {
         reason: Option<&str>,
         version: Option<&str>,
     ) -> Result<()> {
-        on_pool!(self, pool => {
+        on_writer!(self, pool => {
             sqlx::query("UPDATE trainings SET finished_at = $2, outcome = $3, reason = $4, version = $5 WHERE id = $1")
                 .bind(id)
                 .bind(finished_at)
@@ -283,7 +283,7 @@ impl Store {
     /// training can be running (by the process that just took the training
     /// lock, or at the start of the one process an SQLite file has).
     pub async fn abandon_trainings(&self, now_ms: i64) -> Result<()> {
-        on_pool!(self, pool => sqlx::query(
+        on_writer!(self, pool => sqlx::query(
             "UPDATE trainings SET outcome = 'failed', reason = 'the process stopped during training', finished_at = $1
              WHERE outcome = 'running'",
         )
@@ -304,7 +304,7 @@ impl Store {
             }
             s
         };
-        on_pool!(self, pool => {
+        on_writer!(self, pool => {
             for chunk in impressions.chunks(1000) {
                 let mut insert =
                     sqlx::QueryBuilder::new("INSERT INTO impressions (recommendation_id, model_version, items, created_at) ");
@@ -323,7 +323,7 @@ impl Store {
 
     /// Forgets impressions made before `before_ms`; returns how many.
     pub async fn forget_impressions(&self, before_ms: i64) -> Result<u64> {
-        let n = on_pool!(self, pool => sqlx::query("DELETE FROM impressions WHERE created_at < $1")
+        let n = on_writer!(self, pool => sqlx::query("DELETE FROM impressions WHERE created_at < $1")
             .bind(before_ms)
             .execute(pool)
             .await?

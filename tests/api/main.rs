@@ -5,6 +5,7 @@ mod helpers;
 mod auth;
 mod events;
 mod items;
+mod limits;
 mod ops;
 mod process;
 mod profile;

@@ -42,11 +42,16 @@ async fn layer_errors_are_problems(app: TestApp) {
 
 crate::both_stores!(health_ready_and_metrics, layer_errors_are_problems);
 
-/// With no room for another request the API answers 503 at once, with
-/// Retry-After, instead of queueing; the probes still answer.
+/// With no room for another request and the queue full, the API answers
+/// 503 at once, with Retry-After; the probes still answer.
 #[tokio::test]
 async fn overload_is_shed_fast() {
-    let Some(app) = spawn_app_with(Db::Sqlite, |s| s.max_concurrent_requests = 0).await else {
+    let Some(app) = spawn_app_with(Db::Sqlite, |s| {
+        s.max_concurrent_requests = 0;
+        s.max_queued_requests = 0;
+    })
+    .await
+    else {
         return;
     };
     let response = app.get("/v1/items/x").await;
@@ -54,4 +59,9 @@ async fn overload_is_shed_fast() {
     let body = problem(response, 503).await;
     assert!(body["detail"].as_str().unwrap().contains("busy"));
     assert_eq!(app.get("/healthz").await.status(), 200);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(r#"recd_requests_shed_total{reason="queue_full"}"#),
+        "{metrics}"
+    );
 }

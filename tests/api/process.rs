@@ -103,7 +103,11 @@ async fn stored_ids(database_url: &str) -> Vec<String> {
     let store = Store::open(database_url, &StoreOptions::default()).await.unwrap();
     let ids = match &store {
         Store::Postgres(pool) => sqlx::query_scalar("SELECT event_id FROM events").fetch_all(pool).await,
-        Store::Sqlite(pool) => sqlx::query_scalar("SELECT event_id FROM events").fetch_all(pool).await,
+        Store::Sqlite(sqlite) => {
+            sqlx::query_scalar("SELECT event_id FROM events")
+                .fetch_all(&sqlite.read)
+                .await
+        }
     }
     .unwrap();
     store.close().await;
