@@ -108,7 +108,8 @@ pub struct UserEvent {
     pub seq: i64,
 }
 
-/// An item's state as the recommendation filters need it.
+/// An item's state as the recommendation filters need it, and the fields
+/// answers may carry (`fields=`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ItemFlags {
     pub item_id: String,
@@ -116,6 +117,9 @@ pub struct ItemFlags {
     pub available: bool,
     pub deleted: bool,
     pub updated_at: i64,
+    pub title: Option<String>,
+    pub price: Option<f64>,
+    pub attributes: Map<String, Value>,
 }
 
 /// One training run as `GET /v1/model` shows it.

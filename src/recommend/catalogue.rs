@@ -1,10 +1,14 @@
 //! What the filters know of the catalogue, in memory: which items are
-//! unavailable or deleted, and each item's categories. Refreshed from the
+//! unavailable or deleted, and each item's categories; and the fields
+//! answers may carry (`fields=title,price,categories,attributes`), so that
+//! they need no query per item. Refreshed from the
 //! store's changes since the last look, so every replica sees every write
 //! within a refresh period, and at once after its own writes.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
+
+use serde_json::{Map, Value};
 
 use crate::domain::ItemFlags;
 use crate::store::{Store, StoreError};
@@ -15,14 +19,58 @@ use crate::store::{Store, StoreError};
 /// missed. Older than that, only newer changes are read.
 const OVERLAP_MS: i64 = 3_000;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 struct Entry {
     blocked: bool,
     categories: Vec<String>,
+    /// Shared with the answers that show it.
+    details: Option<Arc<Details>>,
 }
 
-/// Only items that are blocked or have categories take memory: an item
-/// absent here is recommendable and in no category.
+/// An item's title, price and attributes, when it has any.
+#[derive(Debug, Clone, PartialEq)]
+struct Details {
+    title: Option<String>,
+    price: Option<f64>,
+    attributes: Map<String, Value>,
+}
+
+/// Which catalogue fields an answer shows with each item.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Fields {
+    pub title: bool,
+    pub price: bool,
+    pub categories: bool,
+    pub attributes: bool,
+}
+
+impl Fields {
+    pub const NAMES: [&'static str; 4] = ["title", "price", "categories", "attributes"];
+
+    /// Parses `title,price,categories,attributes` (any of them, any order);
+    /// the unknown name on failure.
+    pub fn parse(list: &str) -> Result<Fields, String> {
+        let mut fields = Fields::default();
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            match name {
+                "title" => fields.title = true,
+                "price" => fields.price = true,
+                "categories" => fields.categories = true,
+                "attributes" => fields.attributes = true,
+                other => return Err(other.to_owned()),
+            }
+        }
+        Ok(fields)
+    }
+
+    pub fn any(self) -> bool {
+        self.title || self.price || self.categories || self.attributes
+    }
+}
+
+/// Only items that are blocked, have categories or have details take
+/// memory: an item absent here is recommendable, in no category, and has
+/// no title, price or attributes.
 #[derive(Debug, Default)]
 pub struct Catalogue {
     items: RwLock<HashMap<String, Entry>>,
@@ -46,6 +94,28 @@ impl View<'_> {
 
     pub fn categories(&self, item_id: &str) -> &[String] {
         self.0.get(item_id).map_or(&[], |e| e.categories.as_slice())
+    }
+
+    /// The fields asked for of an item, as JSON members to add to its entry
+    /// in an answer (`null` for a title or price it does not have).
+    pub fn fields(&self, item_id: &str, fields: Fields) -> Map<String, Value> {
+        let entry = self.0.get(item_id);
+        let details = entry.and_then(|e| e.details.as_deref());
+        let mut out = Map::new();
+        if fields.title {
+            out.insert("title".into(), details.and_then(|d| d.title.clone()).into());
+        }
+        if fields.price {
+            out.insert("price".into(), details.and_then(|d| d.price).into());
+        }
+        if fields.categories {
+            out.insert("categories".into(), self.categories(item_id).to_vec().into());
+        }
+        if fields.attributes {
+            let attributes = details.map(|d| d.attributes.clone()).unwrap_or_default();
+            out.insert("attributes".into(), Value::Object(attributes));
+        }
+        out
     }
 }
 
@@ -88,23 +158,98 @@ impl Catalogue {
         let mut changed = false;
         for change in changes {
             let blocked = change.deleted || !change.available;
-            if blocked || !change.categories.is_empty() {
+            let details =
+                (change.title.is_some() || change.price.is_some() || !change.attributes.is_empty()).then(|| {
+                    Arc::new(Details {
+                        title: change.title,
+                        price: change.price,
+                        attributes: change.attributes,
+                    })
+                });
+            let known = items.get(&change.item_id);
+            let filters_change = known.map_or(blocked || !change.categories.is_empty(), |e| {
+                e.blocked != blocked || e.categories != change.categories
+            });
+            changed |= filters_change;
+            if blocked || !change.categories.is_empty() || details.is_some() {
                 let entry = Entry {
                     blocked,
                     categories: change.categories,
+                    details,
                 };
-                let known = items.get(&change.item_id);
-                if known.is_none_or(|e| e.blocked != entry.blocked || e.categories != entry.categories) {
+                if known != Some(&entry) {
                     items.insert(change.item_id, entry);
-                    changed = true;
                 }
-            } else if items.remove(&change.item_id).is_some() {
-                changed = true;
+            } else {
+                items.remove(&change.item_id);
             }
         }
         if changed {
             self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         Some(newest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(id: &str, title: Option<&str>, categories: &[&str], available: bool) -> ItemFlags {
+        ItemFlags {
+            item_id: id.to_owned(),
+            categories: categories.iter().map(|c| (*c).to_owned()).collect(),
+            available,
+            deleted: false,
+            updated_at: 1,
+            title: title.map(str::to_owned),
+            price: title.map(|_| 9.5),
+            attributes: Map::new(),
+        }
+    }
+
+    #[test]
+    fn fields_parse_and_name_the_unknown_one() {
+        let fields = Fields::parse("title, price").unwrap();
+        assert!(fields.title && fields.price && !fields.categories && !fields.attributes);
+        assert!(!Fields::parse("").unwrap().any());
+        assert_eq!(Fields::parse("title,colour"), Err("colour".to_owned()));
+    }
+
+    /// Titles and prices are kept for the answers; a change of title alone
+    /// does not touch what the filters see.
+    #[test]
+    fn details_are_kept_without_changing_the_filters() {
+        let catalogue = Catalogue::default();
+        catalogue.apply(vec![
+            change("a", Some("Lamp"), &[], true),
+            change("b", None, &["c1"], true),
+        ]);
+        let generation = catalogue.generation();
+        let all = Fields::parse("title,price,categories,attributes").unwrap();
+        let view = catalogue.view();
+        let a = view.fields("a", all);
+        assert_eq!(a["title"], "Lamp");
+        assert_eq!(a["price"], 9.5);
+        assert_eq!(a["categories"], Value::Array(vec![]));
+        assert_eq!(a["attributes"], Value::Object(Map::new()));
+        let b = view.fields("b", all);
+        assert_eq!(b["title"], Value::Null);
+        assert_eq!(b["categories"][0], "c1");
+        assert_eq!(
+            view.fields("unknown", Fields::parse("title").unwrap())["title"],
+            Value::Null
+        );
+        drop(view);
+
+        catalogue.apply(vec![change("a", Some("Desk lamp"), &[], true)]);
+        assert_eq!(catalogue.generation(), generation, "a new title is no filter change");
+        assert_eq!(catalogue.view().fields("a", all)["title"], "Desk lamp");
+        catalogue.apply(vec![change("a", Some("Desk lamp"), &[], false)]);
+        assert_ne!(catalogue.generation(), generation);
+        assert!(!catalogue.view().allows("a", None));
+        catalogue.apply(vec![change("a", None, &[], true)]);
+        assert!(catalogue.view().allows("a", None));
+        assert_eq!(catalogue.view().fields("a", all)["title"], Value::Null);
     }
 }

@@ -341,6 +341,9 @@ mod tests {
             available,
             deleted: false,
             updated_at: 1,
+            title: None,
+            price: None,
+            attributes: Default::default(),
         }
     }
 

@@ -55,10 +55,13 @@ impl Store {
 
     /// Items written at or after `since_ms` (catalogue writes and items first
     /// named by events), oldest change first; with `flagged_only`, only those
-    /// unavailable, deleted or in a category (what a first load needs).
+    /// unavailable, deleted, in a category or with a title, price or
+    /// attributes (what a first load needs).
     pub async fn catalogue_changes(&self, since_ms: i64, flagged_only: bool) -> Result<Vec<ItemFlags>> {
-        const SELECT: &str = "SELECT item_id, categories, available, deleted, updated_at FROM items
-             WHERE updated_at >= $1 AND (NOT $2 OR deleted OR NOT available OR categories <> '[]')
+        const SELECT: &str = "SELECT item_id, categories, available, deleted, updated_at, title, price, attributes
+             FROM items
+             WHERE updated_at >= $1 AND (NOT $2 OR deleted OR NOT available OR categories <> '[]'
+               OR title IS NOT NULL OR price IS NOT NULL OR attributes <> '{}')
              ORDER BY updated_at";
         let rows = on_pool!(self, pool => {
             sqlx::query(SELECT).bind(since_ms).bind(flagged_only).fetch_all(pool).await?.into_iter().map(|row| ItemFlags {
@@ -67,6 +70,9 @@ impl Store {
                 available: row.get("available"),
                 deleted: row.get("deleted"),
                 updated_at: row.get("updated_at"),
+                title: row.get("title"),
+                price: row.get("price"),
+                attributes: serde_json::from_str(row.get::<&str, _>("attributes")).unwrap_or_default(),
             }).collect::<Vec<_>>()
         });
         Ok(rows)
