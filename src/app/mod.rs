@@ -38,6 +38,10 @@ pub struct Inner {
     /// The shop-wide figures profiles are scored against, made in the
     /// background.
     shop_stats: ShopStatsCache,
+    /// The newest event's time in the store (ms; `i64::MIN` for none) and
+    /// the arrival number it was read at, kept by the popular lists' task.
+    newest_event: std::sync::atomic::AtomicI64,
+    newest_event_seq: std::sync::atomic::AtomicI64,
     /// The background tasks, once started; taken (and aborted) by `stop`.
     tasks: Mutex<Option<Vec<JoinHandle<()>>>>,
     /// Snapshot versions this build cannot read (a newer recd's), not
@@ -66,6 +70,8 @@ impl App {
             trainer: Trainer::new(Locks::new(&store)),
             known_items: KnownItems::default(),
             shop_stats: ShopStatsCache::default(),
+            newest_event: std::sync::atomic::AtomicI64::new(i64::MIN),
+            newest_event_seq: std::sync::atomic::AtomicI64::new(i64::MIN),
             tasks: Mutex::new(None),
             warming: Mutex::new(None),
             unreadable: Mutex::default(),
@@ -247,12 +253,44 @@ impl App {
     /// lists that count fewer events than the store holds.
     pub async fn refresh_popular(&self) -> anyhow::Result<()> {
         let newest = self.store.max_event_seq().await?;
+        self.refresh_newest_event(newest).await?;
         for window in self.serving.popular.stale(newest) {
             let started = std::time::Instant::now();
             self.serving.popular.refresh(&self.store, window).await?;
             metrics::histogram!("recd_popular_refresh_seconds").record(started.elapsed().as_secs_f64());
         }
         Ok(())
+    }
+
+    /// Reads the newest event's time again when events arrived (`seq` is
+    /// the store's newest arrival number) or a retirement may have changed
+    /// it.
+    async fn refresh_newest_event(&self, seq: i64) -> anyhow::Result<()> {
+        use std::sync::atomic::Ordering;
+        if self.newest_event_seq.load(Ordering::Acquire) == seq {
+            return Ok(());
+        }
+        let newest = self.store.newest_event_ms().await?.unwrap_or(i64::MIN);
+        self.newest_event.store(newest, Ordering::Release);
+        self.newest_event_seq.store(seq, Ordering::Release);
+        Ok(())
+    }
+
+    /// Events this process just stored: the newest time is known without
+    /// waiting for the background read.
+    pub fn saw_events(&self, newest_ms: Option<i64>) {
+        if let Some(ts) = newest_ms {
+            self.newest_event.fetch_max(ts, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+
+    /// The newest event's time in the store as last read in the background
+    /// (every `popular_refresh` while events arrive): profiles measure
+    /// recency from it without a query of their own. `None` before the
+    /// first read or without events.
+    pub fn newest_event_ms(&self) -> Option<i64> {
+        let newest = self.newest_event.load(std::sync::atomic::Ordering::Acquire);
+        (newest != i64::MIN).then_some(newest)
     }
 
     /// Brings every figure made in the background up to the store's events

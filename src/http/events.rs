@@ -61,6 +61,7 @@ async fn ingest(State(state): State<AppState>, body: Result<Bytes, BytesRejectio
         .store
         .insert_events_known(&valid, now, Some(&state.known_items))
         .await?;
+    state.app.saw_events(valid.iter().map(|e| e.ts).max());
     // Their next recommendations read the new events.
     state
         .serving

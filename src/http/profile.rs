@@ -5,7 +5,7 @@
 //! shop-wide quantiles (no single user's data) are kept: the app computes
 //! them in the background, and a request never waits for them.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use axum::extract::{Path, State};
 use axum::routing::get;
@@ -36,11 +36,23 @@ async fn profile(State(state): State<AppState>, Path(user_id): Path<String>) -> 
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    let categories = store.item_categories(&item_ids).await?;
+    // From the catalogue in memory: no store round trip.
+    let categories: HashMap<String, Vec<String>> = {
+        let catalogue = state.serving.catalogue.view();
+        item_ids
+            .iter()
+            .map(|id| ((*id).to_owned(), catalogue.categories(id).to_vec()))
+            .collect()
+    };
     let shop = state.app.shop_stats();
-    // Erased meanwhile, the store may be empty: the user's own events then
-    // say how late it is.
-    let as_of = store.newest_event_ms().await?.unwrap_or(i64::MIN);
+    // The newest event as the app keeps it (read in the background, raised
+    // by this process's ingest); the store is asked only before the first
+    // read. Erased meanwhile, the store may be empty: the user's own events
+    // then say how late it is.
+    let as_of = match state.app.newest_event_ms() {
+        Some(newest) => newest,
+        None => store.newest_event_ms().await?.unwrap_or(i64::MIN),
+    };
     let profile = build_profile(&user_id, &events, &categories, &shop, as_of).ok_or_else(not_found)?;
     Ok(Json(profile))
 }

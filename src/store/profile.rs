@@ -1,8 +1,6 @@
 //! What profiles read besides a user's events: the categories of the items
 //! they touched, and the shop-wide figures each profile is scored against.
 
-use std::collections::HashMap;
-
 use super::{Result, Store};
 use crate::domain::{EventType, RfmCuts, ShopStats};
 
@@ -89,37 +87,6 @@ FROM ranked r CROSS JOIN fifths f
 GROUP BY f.k ORDER BY f.k";
 
 impl Store {
-    /// The catalogue categories of those of `item_ids` the store knows
-    /// (deleted items too: what a shopper liked stays true).
-    pub async fn item_categories(&self, item_ids: &[&str]) -> Result<HashMap<String, Vec<String>>> {
-        if item_ids.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let rows: Vec<(String, String)> = match self {
-            Store::Postgres(pool) => {
-                sqlx::query_as("SELECT item_id, categories FROM items WHERE item_id = ANY($1)")
-                    .bind(item_ids)
-                    .fetch_all(pool)
-                    .await?
-            }
-            // No arrays in SQLite: the ids travel as one JSON array.
-            Store::Sqlite(sqlite) => {
-                let pool = &sqlite.read;
-                let ids = serde_json::Value::from(item_ids.to_vec()).to_string();
-                sqlx::query_as(
-                    "SELECT item_id, categories FROM items WHERE item_id IN (SELECT value FROM json_each($1))",
-                )
-                .bind(ids)
-                .fetch_all(pool)
-                .await?
-            }
-        };
-        Ok(rows
-            .into_iter()
-            .map(|(item_id, categories)| (item_id, serde_json::from_str(&categories).unwrap_or_default()))
-            .collect())
-    }
-
     /// The shop-wide figures profiles are scored against: RFM quintile cuts
     /// over the users with events from `since_ms` on, and the median usual
     /// gap between their sessions. One pass over those events: compute it
