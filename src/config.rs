@@ -217,6 +217,14 @@ pub enum Scope {
 }
 
 impl Scope {
+    pub fn name(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Write => "write",
+            Scope::Admin => "admin",
+        }
+    }
+
     /// `admin` implies `write` and `read`; `write` does not imply `read`.
     pub fn allows(self, needed: Scope) -> bool {
         self == needed || self == Scope::Admin

@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 /// The event types, in the order of their stored number.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventType {
     View = 0,
@@ -84,13 +84,17 @@ pub struct EventRow {
 }
 
 /// A catalogue item as stored and served.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Item {
     pub item_id: String,
     pub title: Option<String>,
+    /// The first is the item's primary category.
     pub categories: Vec<String>,
     pub price: Option<f64>,
+    /// Unavailable items are never recommended.
     pub available: bool,
+    /// Any JSON object, stored and returned as given.
+    #[schema(value_type = Object)]
     pub attributes: Map<String, Value>,
 }
 
@@ -152,7 +156,7 @@ pub struct OnlineStats {
 }
 
 /// What became of a training run, as stored in `trainings.outcome`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TrainingOutcome {
     /// Still training (or its process died: the next leader marks it failed).

@@ -17,7 +17,7 @@ pub const MAX_FUTURE_MS: i64 = 5 * 60 * 1000;
 pub const MAX_ID_CHARS: usize = 128;
 
 /// One reason an event (or item) was refused.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub message: String,

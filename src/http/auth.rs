@@ -40,7 +40,8 @@ fn digest(key: &str) -> [u8; 32] {
 }
 
 /// What each route needs: reads need `read`; erasing a user and starting a
-/// training need `admin`; every other write needs `write`.
+/// training need `admin`; every other write needs `write`. The OpenAPI
+/// document names the same scopes (`super::openapi`).
 pub(super) fn needed_scope(method: &Method, path: &str) -> (Scope, &'static str) {
     if *method == Method::GET || *method == Method::HEAD {
         (Scope::Read, "read")

@@ -5,6 +5,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::ingest::FieldError;
 use crate::store::StoreError;
@@ -12,8 +13,10 @@ use crate::store::StoreError;
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
 /// A field error, with the index of the array element it belongs to.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Invalid {
+    /// The position in the request's array (`items`) of the element the
+    /// error belongs to; absent when it belongs to the request as a whole.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<usize>,
     pub field: String,
@@ -146,14 +149,30 @@ impl From<StoreError> for ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct Problem<'a> {
+/// An RFC 9457 problem, the body of every error
+/// (`application/problem+json`). Branch on `status` and `type`; `title` and
+/// `detail` are for people.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"type": "urn:recd:problem:invalid-fields", "title": "Invalid fields", "status": 422,
+    "detail": "n: must be a whole number from 1 to 100",
+    "errors": [{"field": "n", "message": "must be a whole number from 1 to 100"}]}))]
+pub(crate) struct Problem<'a> {
+    /// `urn:recd:problem:` and one of `malformed-request`, `unauthorized`,
+    /// `forbidden`, `not-found`, `method-not-allowed`, `conflict`,
+    /// `too-large`, `unsupported-media-type`, `invalid-fields`, `internal`,
+    /// `overloaded`, `store-unavailable`, `timeout`.
     #[serde(rename = "type")]
+    #[schema(pattern = "^urn:recd:problem:[a-z-]+$")]
     kind: String,
+    #[schema(value_type = String)]
     title: &'a str,
+    /// The HTTP status, as in the response line.
+    #[schema(minimum = 400, maximum = 599)]
     status: u16,
     detail: String,
+    /// Only on 422: each invalid parameter or field.
     #[serde(skip_serializing_if = "<[Invalid]>::is_empty")]
+    #[schema(value_type = Option<Vec<Invalid>>)]
     errors: &'a [Invalid],
 }
 

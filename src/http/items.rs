@@ -4,21 +4,88 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
-use serde_json::{json, Map, Value};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::error::{ApiError, Invalid};
+use super::error::{ApiError, Invalid, Problem};
 use super::events::{read_body, MAX_BATCH};
+use super::openapi::Id;
 use super::{parse_json, ApiResult, AppState};
 use crate::clock::now_ms;
 use crate::domain::Item;
 use crate::ingest::{check_id, FieldError};
 
-pub(super) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/items", post(put_many))
-        .route("/v1/items/{item_id}", get(get_one).put(put_one).delete(delete_one))
+pub(super) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(put_many))
+        .routes(routes!(get_one, put_one, delete_one))
+}
+
+/// The fields of an item as sent, with the `item_id` field given: absent
+/// fields take their defaults, `null` means absent, any other field is a
+/// 422. The handlers validate the JSON themselves ([`parse_item`]) to name
+/// every bad field; these types only describe it.
+macro_rules! item_in {
+    ($(#[$meta:meta])* $name:ident { $(#[$id_meta:meta])* item_id: $id:ty }) => {
+        #[derive(Deserialize, ToSchema)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        $(#[$meta])*
+        pub(super) struct $name {
+            $(#[$id_meta])*
+            item_id: $id,
+            /// Default `null`.
+            #[schema(max_length = 1000)]
+            title: Option<String>,
+            /// Default `[]`. The first is the item's primary category, which
+            /// the model learns from.
+            #[schema(value_type = Option<Vec<Id>>, max_items = 100)]
+            categories: Option<Vec<String>>,
+            /// Default `null`.
+            #[schema(minimum = 0)]
+            price: Option<f64>,
+            /// Default `true`; unavailable items are never recommended.
+            available: Option<bool>,
+            /// Default `{}`: any JSON object, stored and returned as given.
+            #[schema(value_type = Option<Object>)]
+            attributes: Option<Map<String, Value>>,
+        }
+    };
+}
+
+item_in!(
+    /// An item as sent to `PUT /v1/items/{item_id}`.
+    #[schema(example = json!({"title": "Trail shoe", "categories": ["shoes", "sale"], "price": 89.5, "attributes": {"brand": "Acme"}}))]
+    ItemIn {
+        /// Allowed and ignored: the path names the item.
+        item_id: Option<String>
+    }
+);
+
+item_in!(
+    /// One item of a `POST /v1/items` batch.
+    BatchItem {
+        #[schema(value_type = Id)]
+        item_id: String
+    }
+);
+
+/// A catalogue sync: up to 1,000 items, all or nothing.
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)]
+pub(super) struct ItemBatch {
+    #[schema(min_items = 1, max_items = 1000)]
+    items: Vec<BatchItem>,
+}
+
+/// The items as stored.
+#[derive(Serialize, ToSchema)]
+struct Items {
+    items: Vec<Item>,
 }
 
 const MAX_TITLE_CHARS: usize = 1000;
@@ -119,6 +186,24 @@ pub fn parse_item(item_id: &str, body: &Value) -> Result<Item, Vec<FieldError>> 
     })
 }
 
+/// Creates or replaces one item.
+///
+/// A `PUT` is a replacement, not a patch: absent fields take their
+/// defaults. A deleted item is brought back.
+#[utoipa::path(
+    put,
+    path = "/v1/items/{item_id}",
+    tag = "catalogue",
+    params(("item_id" = Id, Path, description = "The item")),
+    request_body = ItemIn,
+    responses(
+        (status = 200, description = "Stored; the body is the stored item", body = Item),
+        (status = 400, description = "`malformed-request`: the body is not JSON",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid-fields`: the path id or a field is invalid, or the body has an unknown field or is not an object",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn put_one(
     State(state): State<AppState>,
     Path(item_id): Path<String>,
@@ -132,7 +217,24 @@ async fn put_one(
     Ok(Json(item))
 }
 
-async fn put_many(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<Value>> {
+/// Creates or replaces up to 1,000 items at once (a catalogue sync).
+///
+/// All or nothing: if any item is invalid, nothing is stored and the 422
+/// names each bad field with its `index`.
+#[utoipa::path(
+    post,
+    path = "/v1/items",
+    tag = "catalogue",
+    request_body = ItemBatch,
+    responses(
+        (status = 200, description = "All stored; the body lists the stored items", body = Items),
+        (status = 400, description = "`malformed-request`: the body is not JSON, or not an object with an `items` array",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid-fields`: `items` is empty or longer than 1,000, or an item is invalid; nothing stored",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn put_many(State(state): State<AppState>, body: Result<Bytes, BytesRejection>) -> ApiResult<Json<Items>> {
     let body: Value = parse_json(&read_body(body)?)?;
     let Some(Value::Array(raw)) = body.get("items") else {
         return Err(ApiError::BadRequest(
@@ -171,9 +273,21 @@ async fn put_many(State(state): State<AppState>, body: Result<Bytes, BytesReject
     }
     state.store.put_items(&items, now_ms()).await?;
     state.serving.catalogue.refresh(&state.store).await?;
-    Ok(Json(json!({ "items": items })))
+    Ok(Json(Items { items }))
 }
 
+/// One item.
+#[utoipa::path(
+    get,
+    path = "/v1/items/{item_id}",
+    tag = "catalogue",
+    params(("item_id" = Id, Path, description = "The item")),
+    responses(
+        (status = 200, description = "The item", body = Item),
+        (status = 404, description = "`not-found`: the item was never seen, or is deleted",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn get_one(State(state): State<AppState>, Path(item_id): Path<String>) -> ApiResult<Json<Item>> {
     state
         .store
@@ -183,6 +297,22 @@ async fn get_one(State(state): State<AppState>, Path(item_id): Path<String>) -> 
         .ok_or_else(|| ApiError::NotFound(format!("no item {item_id:?}")))
 }
 
+/// Marks the item deleted.
+///
+/// A deleted item reads as 404, is never recommended nor listed, and stays
+/// deleted when later events name it, until it is `PUT` again. Its events
+/// stay.
+#[utoipa::path(
+    delete,
+    path = "/v1/items/{item_id}",
+    tag = "catalogue",
+    params(("item_id" = Id, Path, description = "The item")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "`not-found`: there is no such live item",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn delete_one(State(state): State<AppState>, Path(item_id): Path<String>) -> ApiResult<StatusCode> {
     if state.store.delete_item(&item_id, now_ms()).await? {
         state.serving.catalogue.refresh(&state.store).await?;

@@ -14,6 +14,10 @@
 //!    whole within `body_read_timeout` (408 otherwise).
 //!
 //! [`conn`] serves the connections (header read timeout, lingering close).
+//!
+//! Each module registers its routes with the handlers' OpenAPI descriptions
+//! ([`openapi`]), so the document served at `/openapi.json` is made from the
+//! same registration as the router.
 
 mod admission;
 mod auth;
@@ -22,6 +26,7 @@ pub mod error;
 mod events;
 mod items;
 mod model;
+mod openapi;
 mod ops;
 mod profile;
 mod rate_limit;
@@ -36,7 +41,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::Router;
+use axum::{Extension, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
@@ -44,6 +49,7 @@ use tower_http::decompression::RequestDecompressionLayer;
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::app::App;
 use error::{problem, ApiError, PROBLEM_JSON};
@@ -99,7 +105,7 @@ pub fn router(app: App) -> Router {
         settings.queue_timeout,
     );
     let rate_limit = rate_limit::RateLimit::new(&settings.rate_limit, &settings.trusted_proxies);
-    let mut api = Router::new()
+    let mut api = OpenApiRouter::new()
         .merge(events::router())
         .merge(items::router())
         .merge(profile::router())
@@ -116,9 +122,11 @@ pub fn router(app: App) -> Router {
     }
     let api = api.route_layer(middleware::from_fn_with_state(state.clone(), auth::require_scope));
 
-    let mut router = Router::new()
-        .merge(api)
-        .merge(ops::router())
+    let (routes, document) = OpenApiRouter::new().merge(api).merge(ops::router()).split_for_parts();
+    let document = serde_json::to_vec(&openapi::document(document)).expect("the OpenAPI document serialises");
+
+    let mut router = routes
+        .layer(Extension(ops::Document(document.into())))
         .route_layer(middleware::from_fn(remember_route))
         .layer(DefaultBodyLimit::max(MAX_INFLATED_BODY))
         .layer(RequestDecompressionLayer::new())

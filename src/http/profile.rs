@@ -8,21 +8,37 @@
 use std::collections::{HashMap, HashSet};
 
 use axum::extract::{Path, State};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::error::ApiError;
+use super::error::{ApiError, Problem};
+use super::openapi::Id;
 use super::{ApiResult, AppState};
 use crate::profile::{build_profile, Profile};
 
 /// A profile reads at most the user's newest this many events.
 pub const MAX_PROFILE_EVENTS: i64 = 10_000;
 
-pub(super) fn router() -> Router<AppState> {
-    Router::new().route("/v1/users/{user_id}/profile", get(profile))
+pub(super) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(profile))
 }
 
-/// The user's profile; 404 when the store holds no event of theirs.
+/// Who a shopper is, from their events.
+///
+/// Durations are measured back from `as_of`, the newest event in the store;
+/// how each field is computed is in docs/api.md.
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user_id}/profile",
+    tag = "users",
+    params(("user_id" = Id, Path, description = "The shopper")),
+    responses(
+        (status = 200, description = "The profile", body = Profile),
+        (status = 404, description = "`not-found`: the store holds no event of the user (never seen, or erased)",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn profile(State(state): State<AppState>, Path(user_id): Path<String>) -> ApiResult<Json<Profile>> {
     let store = &state.store;
     let events = store.user_events(&user_id, MAX_PROFILE_EVENTS).await?;

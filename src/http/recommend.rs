@@ -5,22 +5,107 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query, State};
-use axum::routing::get;
-use axum::{Json, Router};
-use serde_json::{json, Value};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::error::{ApiError, Invalid};
+use super::error::{ApiError, Invalid, Problem};
+use super::openapi::Id;
 use super::{ApiResult, AppState};
 use crate::clock::now_ms;
 use crate::domain::Impression;
 use crate::ingest::check_id;
 use crate::recommend::{Exclude, Ranked, Request, Serving, HISTORY_LIMIT};
 
-pub(super) fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/users/{user_id}/recommendations", get(recommendations))
-        .route("/v1/items/{item_id}/similar", get(similar))
-        .route("/v1/popular", get(popular))
+pub(super) fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(recommendations))
+        .routes(routes!(similar))
+        .routes(routes!(popular))
+}
+
+// The query parameters as documented. The handlers read them from a map
+// themselves, so that every invalid one is named in one 422; these types
+// only describe them. Unknown parameters are ignored.
+
+/// The parameters of `GET /v1/users/{user_id}/recommendations`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct RecommendationsQuery {
+    /// How many items.
+    #[param(minimum = 1, maximum = 100, default = 10)]
+    n: Option<u32>,
+    /// Only items whose `categories` contain it.
+    #[param(min_length = 1, max_length = 256)]
+    category: Option<String>,
+    /// `seen`: every item in the user's newest 1,000 events; `purchased`:
+    /// items they bought (among those events); `none`: nothing.
+    #[param(inline)]
+    exclude: Option<ExcludeParam>,
+    /// Comma-separated item ids to leave out as well (the one on screen,
+    /// the cart), at most 1,000.
+    exclude_items: Option<String>,
+    /// Add a `reason` to each item (`1`, `0` and an empty value are read as
+    /// well).
+    #[param(default = false)]
+    explain: Option<bool>,
+}
+
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+#[allow(dead_code)]
+enum ExcludeParam {
+    Seen,
+    Purchased,
+    None,
+}
+
+/// The parameters of `GET /v1/items/{item_id}/similar`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct SimilarQuery {
+    /// How many items.
+    #[param(minimum = 1, maximum = 100, default = 10)]
+    n: Option<u32>,
+    /// Only items in this category.
+    #[param(min_length = 1, max_length = 256)]
+    category: Option<String>,
+}
+
+/// The parameters of `GET /v1/popular`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct PopularQuery {
+    /// How many items.
+    #[param(minimum = 1, maximum = 100, default = 10)]
+    n: Option<u32>,
+    /// Only items in this category.
+    #[param(min_length = 1, max_length = 256)]
+    category: Option<String>,
+    /// How far back from the newest event in the store: `7d`, `12h`,
+    /// `30m`, `250ms`, a bare number of seconds; `0` = all events; at most
+    /// 100 years. Default: `popular_window` (30 days).
+    window: Option<String>,
+}
+
+/// An item of a list, with its score (comparable only within one answer).
+#[derive(Serialize, ToSchema)]
+struct ItemScore {
+    item_id: String,
+    score: f64,
+}
+
+/// A list of items: similar or popular.
+#[derive(Serialize, ToSchema)]
+struct ScoredItems {
+    /// The served model's version; `null` while no model is published.
+    model_version: Option<String>,
+    items: Vec<ItemScore>,
 }
 
 const MAX_N: usize = 100;
@@ -103,8 +188,25 @@ fn parse_request(params: &Params) -> ApiResult<Request> {
     })
 }
 
-/// `GET /v1/users/{user_id}/recommendations`: personalized from the user's
-/// newest events at request time; popular for users the model cannot place.
+/// A shopper's next items, ranked at request time from their newest events.
+///
+/// Personalized from the user's newest events when the served model knows
+/// one of their items; the popular list (the cold start) otherwise. An
+/// unknown user is not an error. Unavailable and deleted items are never
+/// returned; the answer may hold fewer than `n` items. Each answer is one
+/// impression, with a new `recommendation_id` to send back on the events it
+/// leads to.
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user_id}/recommendations",
+    tag = "recommendations",
+    params(("user_id" = Id, Path, description = "The shopper"), RecommendationsQuery),
+    responses(
+        (status = 200, description = "The recommendations", body = RecommendationsBody),
+        (status = 422, description = "`invalid-fields`: an invalid parameter, or a `user_id` that is not a valid id",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn recommendations(
     State(state): State<AppState>,
     Path(user_id): Path<String>,
@@ -155,22 +257,41 @@ async fn recommendations(
 
 /// The recommendations answer: the ranking with who asked and its id,
 /// serialised directly (no `Value` tree).
-#[derive(serde::Serialize)]
+#[derive(Serialize, ToSchema)]
 struct RecommendationsBody {
     user_id: String,
+    /// This answer's id (32 hex digits, time-ordered): send it back on the
+    /// events it leads to.
+    #[schema(pattern = "^[0-9a-f]{32}$")]
     recommendation_id: String,
     #[serde(flatten)]
     ranked: Ranked,
 }
 
-/// `GET /v1/items/{item_id}/similar`: 404 for an item the catalogue does
-/// not have (or deleted); an item the model does not know yet gets the
-/// popular items of its categories.
+/// Items like this one, for a product page.
+///
+/// For an item the served model knows: learned similarity plus
+/// co-occurrence. For an item it does not know yet (or while no model is
+/// published): the popular items that share one of its categories. The item
+/// itself, unavailable and deleted items are never listed.
+#[utoipa::path(
+    get,
+    path = "/v1/items/{item_id}/similar",
+    tag = "recommendations",
+    params(("item_id" = Id, Path, description = "The item"), SimilarQuery),
+    responses(
+        (status = 200, description = "The list (possibly empty)", body = ScoredItems),
+        (status = 404, description = "`not-found`: the item is not in the catalogue, or is deleted",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid-fields`: invalid `n`, `category` or `item_id`",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn similar(
     State(state): State<AppState>,
     Path(item_id): Path<String>,
     Query(params): Query<Params>,
-) -> ApiResult<Json<Value>> {
+) -> ApiResult<Json<ScoredItems>> {
     let started = Instant::now();
     path_id("item_id", &item_id)?;
     let mut errors = Vec::new();
@@ -186,10 +307,13 @@ async fn similar(
     let found = model
         .as_deref()
         .and_then(|m| state.serving.similar(m, &item_id, n, category.as_deref()));
-    let items: Vec<Value> = match found {
+    let items: Vec<ItemScore> = match found {
         Some(items) => items
             .into_iter()
-            .map(|s| json!({"item_id": s.item_id, "score": s.score}))
+            .map(|s| ItemScore {
+                item_id: s.item_id,
+                score: f64::from(s.score),
+            })
             .collect(),
         None => {
             let list = state
@@ -205,21 +329,38 @@ async fn similar(
                     item.categories.is_empty() || catalogue.categories(id).iter().any(|c| item.categories.contains(c))
                 })
                 .take(n)
-                .map(|(id, score)| json!({"item_id": id, "score": score}))
+                .map(|(id, score)| ItemScore {
+                    item_id: id.clone(),
+                    score: *score,
+                })
                 .collect()
         }
     };
     metrics::histogram!("recd_recommendation_duration_seconds", "strategy" => "similar")
         .record(started.elapsed().as_secs_f64());
-    Ok(Json(json!({
-        "model_version": model.map(|m| m.meta.version.clone()),
-        "items": items,
-    })))
+    Ok(Json(ScoredItems {
+        model_version: model.map(|m| m.meta.version.clone()),
+        items,
+    }))
 }
 
-/// `GET /v1/popular`: most interacted-with items within `window` of the
-/// newest event, recency-weighted.
-async fn popular(State(state): State<AppState>, Query(params): Query<Params>) -> ApiResult<Json<Value>> {
+/// The most interacted-with items.
+///
+/// Each event in the window counts 7 / (7 + its age in days), age measured
+/// from the newest event in the store; ties are broken by item id.
+/// Unavailable and deleted items are left out.
+#[utoipa::path(
+    get,
+    path = "/v1/popular",
+    tag = "recommendations",
+    params(PopularQuery),
+    responses(
+        (status = 200, description = "The list (possibly empty)", body = ScoredItems),
+        (status = 422, description = "`invalid-fields`: invalid `n`, `category` or `window`",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn popular(State(state): State<AppState>, Query(params): Query<Params>) -> ApiResult<Json<ScoredItems>> {
     let started = Instant::now();
     let mut errors = Vec::new();
     let n = count(&params, &mut errors);
@@ -242,18 +383,21 @@ async fn popular(State(state): State<AppState>, Query(params): Query<Params>) ->
         return Err(ApiError::invalid(errors));
     }
     let list = state.serving.popular.get(&state.store, window).await?;
-    let items: Vec<Value> = {
+    let items: Vec<ItemScore> = {
         let catalogue = state.serving.catalogue.view();
         list.iter()
             .filter(|(id, _)| catalogue.allows(id, category.as_deref()))
             .take(n)
-            .map(|(id, score)| json!({"item_id": id, "score": score}))
+            .map(|(id, score)| ItemScore {
+                item_id: id.clone(),
+                score: *score,
+            })
             .collect()
     };
     metrics::histogram!("recd_recommendation_duration_seconds", "strategy" => "popular_list")
         .record(started.elapsed().as_secs_f64());
-    Ok(Json(json!({
-        "model_version": state.serving.version(),
-        "items": items,
-    })))
+    Ok(Json(ScoredItems {
+        model_version: state.serving.version(),
+        items,
+    }))
 }

@@ -42,7 +42,7 @@ pub struct AnnSettings {
 }
 
 /// The number format of the vectors in the index.
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Vectors {
     F32,

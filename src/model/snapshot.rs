@@ -47,7 +47,7 @@ pub struct SnapshotMeta {
 }
 
 /// What a snapshot ranks with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum SnapshotKind {
     /// Trained weights are present.

@@ -17,6 +17,9 @@ use std::collections::{HashMap, HashSet};
 
 use serde::ser::SerializeMap;
 use serde::{Serialize, Serializer};
+use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Schema, SchemaFormat, Type};
+use utoipa::openapi::{KnownFormat, RefOr};
+use utoipa::{PartialSchema, ToSchema};
 
 use crate::clock::format_timestamp;
 use crate::domain::{EventType, RfmCuts, ShopStats, UserEvent};
@@ -52,7 +55,7 @@ pub struct Session {
 }
 
 /// The profile as `GET /v1/users/{user_id}/profile` serves it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Profile {
     pub user_id: String,
     /// The newest event in the store: "now" for every duration below.
@@ -69,7 +72,7 @@ pub struct Profile {
     pub segment: Segment,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct EventCounts {
     pub total: u64,
     pub by_type: TypeCounts,
@@ -96,21 +99,43 @@ impl Serialize for TypeCounts {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// The schema says what `Serialize` writes: every type, each a count.
+impl PartialSchema for TypeCounts {
+    fn schema() -> RefOr<Schema> {
+        let count = || {
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+                .minimum(Some(0))
+        };
+        EventType::ALL
+            .into_iter()
+            .fold(
+                ObjectBuilder::new().additional_properties(Some(AdditionalProperties::FreeForm(false))),
+                |object, kind| object.property(kind.name(), count()).required(kind.name()),
+            )
+            .into()
+    }
+}
+
+impl ToSchema for TypeCounts {}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct CategoryWeight {
     pub category: String,
     pub weight: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct RecentItem {
     pub item_id: String,
     #[serde(rename = "type")]
+    #[schema(value_type = EventType)]
     pub kind: &'static str,
     pub timestamp: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Purchases {
     pub count: u64,
     pub spend: f64,
@@ -118,7 +143,7 @@ pub struct Purchases {
 
 /// Scores from 1 (the shop's lowest fifth) to 5 (its highest), with the
 /// measures they score.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Rfm {
     pub recency: u8,
     pub frequency: u8,
@@ -128,7 +153,7 @@ pub struct Rfm {
     pub monetary_spend: f64,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct Churn {
     pub risk: f64,
     pub days_since_last: f64,
@@ -137,7 +162,7 @@ pub struct Churn {
 }
 
 /// Where a user's usual gap comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum GapSource {
     /// The median of the user's own gaps between sessions.
@@ -148,7 +173,7 @@ pub enum GapSource {
     Default,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Segment {
     Lost,

@@ -29,7 +29,7 @@ pub(super) struct AnnState {
 }
 
 /// How the served model ranks the catalogue.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum IndexKind {
     /// Every item is scored.
@@ -40,7 +40,7 @@ pub enum IndexKind {
 }
 
 /// Where an approximate index is.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum IndexState {
     /// Being built; every item is scored until it is ready.
@@ -52,7 +52,7 @@ pub enum IndexState {
 }
 
 /// How the served model ranks the catalogue, for `GET /v1/model`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct IndexInfo {
     pub kind: IndexKind,
     /// For `approximate` only.

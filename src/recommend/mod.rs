@@ -82,7 +82,7 @@ pub struct Request {
 }
 
 /// What kind of reason an item has.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ReasonKind {
     /// Among the co-occurrence neighbours of one of the user's items.
@@ -96,14 +96,14 @@ pub enum ReasonKind {
 }
 
 /// Why an item is recommended.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Reason {
     pub kind: ReasonKind,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub item_id: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Scored {
     pub item_id: String,
     pub score: f32,
@@ -112,7 +112,7 @@ pub struct Scored {
 }
 
 /// How a ranking was made.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Strategy {
     /// From the user's events, by the served model.
@@ -131,7 +131,7 @@ impl Strategy {
 }
 
 /// The ranking part of a recommendations response.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Ranked {
     pub model_version: Option<String>,
     pub strategy: Strategy,

@@ -22,7 +22,7 @@ use crate::store::Store;
 const CHUNK_USERS: usize = 256;
 
 /// Where the newest warming is.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum WarmState {
     Warming,
@@ -34,7 +34,7 @@ pub enum WarmState {
 }
 
 /// What became of the newest warming, for `GET /v1/model`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct WarmInfo {
     pub state: WarmState,
     /// The model version warmed for.

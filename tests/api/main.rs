@@ -6,6 +6,7 @@ mod auth;
 mod events;
 mod items;
 mod limits;
+mod openapi;
 mod ops;
 mod process;
 mod profile;
