@@ -212,11 +212,26 @@ fn merge_routes(into: &mut ByRoute, from: ByRoute) {
     }
 }
 
-/// A fixed-rate load: `connections` keep-alive connections sending `rate`
-/// requests/s together, each on its own schedule. A request's latency runs
-/// from when it was due, so a server that stalls shows slow answers rather
-/// than fewer requests (no coordinated omission). Runs until `stop`; only
-/// requests due `warmup` or more after the start are counted.
+/// What a fixed-rate load measured.
+pub struct PacedRun {
+    pub routes: ByRoute,
+    /// Measured seconds.
+    pub seconds: f64,
+    /// Connections opened: one per client connection unless the server
+    /// closed some.
+    pub connects: u64,
+    /// When the schedule began.
+    pub began: Instant,
+    /// The client connections.
+    pub clients: usize,
+}
+
+/// A fixed-rate load: `connections` keep-alive connections, opened first,
+/// sending `rate` requests/s together, each on its own schedule. A
+/// request's latency runs from when it was due, so a server that stalls
+/// shows slow answers rather than fewer requests (no coordinated omission).
+/// Runs until `stop`; only requests due `warmup` or more after the start
+/// are counted.
 pub async fn paced(
     addr: SocketAddr,
     connections: usize,
@@ -224,53 +239,79 @@ pub async fn paced(
     ask: Asker,
     warmup: Duration,
     stop: CancellationToken,
-) -> anyhow::Result<(ByRoute, f64)> {
+) -> anyhow::Result<PacedRun> {
     let interval = Duration::from_secs_f64(connections as f64 / rate);
+    let mut senders = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        senders.push(connect(addr).await?);
+    }
     let began = Instant::now();
     let counted_from = began + warmup;
-    let tasks: Vec<_> = (0..connections)
-        .map(|conn| {
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .enumerate()
+        .map(|(conn, sender)| {
             let (ask, stop) = (ask.clone(), stop.clone());
             // Spread the connections' schedules over one interval.
             let first = began + interval.mul_f64(conn as f64 / connections as f64);
-            tokio::spawn(paced_connection(addr, conn, first, interval, counted_from, ask, stop))
+            let schedule = Schedule {
+                first,
+                interval,
+                counted_from,
+            };
+            tokio::spawn(paced_connection(addr, conn, sender, schedule, ask, stop))
         })
         .collect();
-    let mut routes = ByRoute::new();
+    let (mut routes, mut connects) = (ByRoute::new(), connections as u64);
     for task in tasks {
-        merge_routes(&mut routes, task.await?);
+        let (by_route, reconnects) = task.await?;
+        merge_routes(&mut routes, by_route);
+        connects += reconnects;
     }
-    let measured = Instant::now().saturating_duration_since(counted_from).as_secs_f64();
-    Ok((routes.into_iter().map(|(r, t)| (r, t.finish())).collect(), measured))
+    Ok(PacedRun {
+        routes: routes.into_iter().map(|(r, t)| (r, t.finish())).collect(),
+        seconds: Instant::now().saturating_duration_since(counted_from).as_secs_f64(),
+        connects,
+        began,
+        clients: connections,
+    })
 }
 
-async fn paced_connection(
-    addr: SocketAddr,
-    conn: usize,
+/// When a paced connection's requests are due, and which are counted.
+struct Schedule {
     first: Instant,
     interval: Duration,
     counted_from: Instant,
+}
+
+/// One paced connection; its figures by route, and how many times it had
+/// to connect again.
+async fn paced_connection(
+    addr: SocketAddr,
+    conn: usize,
+    sender: Sender,
+    schedule: Schedule,
     ask: Asker,
     stop: CancellationToken,
-) -> ByRoute {
+) -> (ByRoute, u64) {
     let mut routes = ByRoute::new();
-    let mut sender: Option<Sender> = None;
-    let mut k = 0u64;
+    let mut sender = Some(sender);
+    let (mut k, mut reconnects) = (0u64, 0u64);
     loop {
-        let due = first + interval.mul_f64(k as f64);
+        let due = schedule.first + schedule.interval.mul_f64(k as f64);
         tokio::select! {
             () = stop.cancelled() => break,
             () = tokio::time::sleep_until(due.into()) => {}
         }
         let (path, route) = ask(conn, k);
         k += 1;
-        let counted = due >= counted_from;
+        let counted = due >= schedule.counted_from;
         let tally = routes.entry(route).or_default();
         let mut s = match sender.take() {
             Some(s) => s,
             None => match connect(addr).await {
                 Ok(s) => {
-                    tally.connects += 1;
+                    reconnects += 1;
                     s
                 }
                 Err(e) => {
@@ -304,7 +345,7 @@ async fn paced_connection(
             }
         }
     }
-    routes
+    (routes, reconnects)
 }
 
 /// One connection of a closed-loop load: requests back to back from when
@@ -447,4 +488,45 @@ pub fn sample_peaks(
         }
         peaks
     })
+}
+
+/// New clients: every `every` until `stop`, a new connection asks
+/// `GET /healthz` once; the time from the connect to the answer (at most
+/// 5 s, then a transport error). Each on its own task, so a slow one does
+/// not hold back the next.
+pub async fn newcomers(addr: SocketAddr, every: Duration, stop: CancellationToken) -> anyhow::Result<Tally> {
+    let mut tick = tokio::time::interval(every);
+    let mut probes = Vec::new();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        probes.push(tokio::spawn(async move {
+            let began = Instant::now();
+            let answer = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut sender = connect(addr).await?;
+                send(&mut sender, get(addr, "/healthz")).await
+            })
+            .await;
+            (answer, began.elapsed())
+        }));
+    }
+    let mut tally = Tally::default();
+    for probe in probes {
+        let (answer, latency) = probe.await?;
+        tally.connects += 1;
+        match answer {
+            Ok(Ok(answer)) => tally.answer(&answer, latency, "/healthz"),
+            Ok(Err(e)) => {
+                tally.transport_errors += 1;
+                tally.note(format!("new connection: {e}"));
+            }
+            Err(_) => {
+                tally.transport_errors += 1;
+                tally.note("new connection: no answer within 5 s".to_owned());
+            }
+        }
+    }
+    Ok(tally.finish())
 }

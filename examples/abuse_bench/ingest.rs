@@ -95,7 +95,8 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
         for task in tasks {
             ingested.merge(task.await?);
         }
-        let (reads, measured) = reader.await??;
+        let reader = reader.await??;
+        let (reads, measured) = (reader.routes, reader.seconds);
         timer.abort();
         ingested.tally = std::mem::take(&mut ingested.tally).finish();
         let wall = (warmup + seconds).as_secs_f64();

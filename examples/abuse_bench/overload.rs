@@ -112,7 +112,9 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
     let peaks = peaks.await?;
     let flood_cores = cores(pid, cpu, (end - began).as_secs_f64())?;
     let after_flood = metrics(addr).await?;
-    let counters = Counters::read().since(&counters);
+    let counters_after = Counters::read();
+    let overflows = counters_after.grew(&counters, "ListenOverflows");
+    let counters = counters_after.since(&counters);
     let mut recovery = Tally::default();
     for task in recovery_tasks {
         recovery.merge(task.await?);
@@ -229,7 +231,7 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
             SCENARIO,
             "flood: 503 (with Retry-After) / other non-2xx / transport errors / connect failures",
             format!(
-                "{} ({}) / {} / {} / {}",
+                "{} ({}) / {} / {} / {} (kernel listen overflows: {overflows})",
                 thousands(flood.status(503) as f64),
                 thousands(retry_after as f64),
                 flood.non_2xx() - flood.status(503),

@@ -10,14 +10,19 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{metric, metrics, p50_p99, paced, recs_path, sample_peaks, Asker, ByRoute};
+use crate::client::{metric, metrics, newcomers, p50_p99, paced, recs_path, sample_peaks, Asker, PacedRun, Tally};
 use crate::data::Prepared;
 use crate::report::{verdict, Row};
 use crate::system::{cpu_seconds, mb, thousands, warn_if_compiling};
-use crate::tcp::{server_side_peers, Counters};
+use crate::tcp::{listen_backlog, sample_accept_queue, server_side_peers, Counters};
 use crate::{start_server, Args};
 
 const SCENARIO: &str = "slow";
+/// A slow connection still open this long after the timeout and the
+/// margin (and the waves) counts as never closed.
+const GIVE_UP_AFTER: Duration = Duration::from_secs(5);
+/// How often a new client connects beside the load.
+const NEWCOMER_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -92,22 +97,25 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
     let addr = server.addr;
     let ask = normal_asker(prepared.users.clone());
 
-    // The baseline: the normal clients alone.
+    let warmup = Duration::from_secs_f64(args.warmup);
+
+    // The baseline: the normal clients alone, and new clients arriving.
     warn_if_compiling();
-    let baseline_began = Instant::now();
     let stop = CancellationToken::new();
-    let timer = stop_after(stop.clone(), Duration::from_secs_f64(args.warmup + args.seconds));
-    let (baseline, seconds) = paced(
+    let timer = stop_after(stop.clone(), warmup + Duration::from_secs_f64(args.seconds));
+    let probes = tokio::spawn(newcomers(addr, NEWCOMER_EVERY, stop.clone()));
+    let baseline = paced(
         addr,
         args.normal_connections,
         args.normal_rate,
         ask.clone(),
-        Duration::from_secs_f64(args.warmup),
+        warmup,
         stop,
     )
     .await?;
+    let baseline_new = probes.await??;
     timer.abort();
-    print_normal("baseline, normal clients alone", &baseline, seconds, baseline_began);
+    print_normal("baseline, normal clients alone", &baseline, &baseline_new);
 
     // The slow clients, the normal ones beside them until every slow one
     // has ended.
@@ -124,10 +132,14 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
         Duration::ZERO,
         stop.clone(),
     ));
+    // The normal connections are open before the first wave.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let probes = tokio::spawn(newcomers(addr, NEWCOMER_EVERY, stop.clone()));
     let peaks = sample_peaks(addr, server.pid(), Duration::from_millis(250), stop.clone());
+    let queue = sample_accept_queue(addr.port(), Duration::from_millis(10), stop.clone());
     let began = Instant::now();
     let waves = args.slow_connections.div_ceil(args.wave);
-    let give_up = began + Duration::from_millis(100 * waves as u64) + timeout + margin + Duration::from_secs(10);
+    let give_up = began + Duration::from_millis(100 * waves as u64) + timeout + margin + GIVE_UP_AFTER;
     let mut tasks = Vec::with_capacity(args.slow_connections);
     for wave in 0..waves {
         let wave_start = began + Duration::from_millis(100 * wave as u64);
@@ -156,10 +168,15 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
             }
         }
     }
-    let counters = Counters::read().since(&counters);
+    let counters_after = Counters::read();
+    let overflows = counters_after.grew(&counters, "ListenOverflows");
+    let counters = counters_after.since(&counters);
     stop.cancel();
-    let (beside, seconds) = normal.await??;
+    let beside = normal.await??;
+    let beside_new = probes.await??;
     let peaks = peaks.await?;
+    let longest_queue = queue.await?;
+    let backlog = listen_backlog(addr.port()).map_or_else(|| "unknown (no ss)".to_owned(), |b| b.to_string());
     let wall = began.elapsed().as_secs_f64();
     let server_cores = (cpu_seconds(server.pid())? - server_cpu) / wall;
     let own_cores = (cpu_seconds(std::process::id())? - own_cpu) / wall;
@@ -195,9 +212,12 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
         own_cores
     );
     println!(
-        "    of those never closed: {held} have a server-side socket (open on the server: a defect), {unseen} have none (the server never saw them: their handshake's last ACK was dropped); kernel TCP counters (machine-wide) during the phase: {counters}"
+        "    of those never closed: {held} have a server-side socket (open on the server: a defect), {unseen} have none (the server never saw them: their handshake's last ACK was dropped)"
     );
-    print_normal("normal clients beside the slow ones", &beside, seconds, began);
+    println!(
+        "    listen queue: at most {longest_queue} waiting to be accepted (sampled every 10 ms), listen backlog {backlog}; kernel TCP counters (machine-wide) during the phase: {counters}"
+    );
+    print_normal("normal clients beside the slow ones", &beside, &beside_new);
     server.print_log_warnings();
     server.stop()?;
 
@@ -219,6 +239,18 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
             ),
             "all",
             in_time_ok,
+        ),
+        Row::target(
+            SCENARIO,
+            "slow connections never closed that the server holds a socket for",
+            held.to_string(),
+            "0",
+            held == 0,
+        ),
+        Row::info(
+            SCENARIO,
+            "listen backlog; accept queue at most (every 10 ms); kernel listen overflows (machine-wide)",
+            format!("{backlog}; {longest_queue}; {overflows}"),
         ),
         Row::target(
             SCENARIO,
@@ -244,8 +276,8 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
     ];
     for route in ["GET /healthz", "GET recommendations"] {
         let (a, b) = (
-            baseline.get(route).map(p50_p99).unwrap_or_default(),
-            beside.get(route).map(p50_p99).unwrap_or_default(),
+            baseline.routes.get(route).map(p50_p99).unwrap_or_default(),
+            beside.routes.get(route).map(p50_p99).unwrap_or_default(),
         );
         rows.push(Row::info(
             SCENARIO,
@@ -253,14 +285,26 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
             format!("{a} → {b}"),
         ));
     }
-    let failed: u64 = [&baseline, &beside]
+    rows.push(Row::info(
+        SCENARIO,
+        "a new connection's GET /healthz, p50 / p99 / max ms: alone → beside the slow clients",
+        format!(
+            "{} / {:.2} → {} / {:.2}",
+            p50_p99(&baseline_new),
+            baseline_new.percentile(100.0),
+            p50_p99(&beside_new),
+            beside_new.percentile(100.0)
+        ),
+    ));
+    let failed: u64 = [&baseline.routes, &beside.routes]
         .iter()
         .flat_map(|routes| routes.values())
+        .chain([&baseline_new, &beside_new])
         .map(|t| t.non_2xx() + t.transport_errors + t.connect_errors)
         .sum();
     rows.push(Row::target(
         SCENARIO,
-        "normal requests not answered 2xx (both phases)",
+        "normal and new-connection requests not answered 2xx (both phases)",
         failed.to_string(),
         "0",
         failed == 0,
@@ -282,21 +326,34 @@ pub fn stop_after(stop: CancellationToken, after: Duration) -> tokio::task::Join
     })
 }
 
-fn print_normal(what: &str, routes: &ByRoute, seconds: f64, began: Instant) {
-    println!("{what} ({seconds:.1} s measured):");
-    for (route, tally) in routes {
+fn print_normal(what: &str, run: &PacedRun, new: &Tally) {
+    println!(
+        "{what} ({:.1} s measured; {} connections opened for {} clients):",
+        run.seconds, run.connects, run.clients
+    );
+    for (route, tally) in &run.routes {
         println!(
-            "    {route}: {} answered 2xx ({:.0}/s), latency from the scheduled send p50 / p99 / max {} / {:.2} ms (the slowest answered {:.2} s into the phase); connections opened {}; failures: {}",
+            "    {route}: {} answered 2xx ({:.0}/s), latency from the scheduled send p50 / p99 / max {} / {:.2} ms (the slowest answered {:.2} s into the phase); failures: {}",
             thousands(tally.ok as f64),
-            tally.ok as f64 / seconds.max(1e-9),
+            tally.ok as f64 / run.seconds.max(1e-9),
             p50_p99(tally),
             tally.percentile(100.0),
-            tally.worst.map_or(f64::NAN, |(_, at)| at.saturating_duration_since(began).as_secs_f64()),
-            tally.connects,
+            tally
+                .worst
+                .map_or(f64::NAN, |(_, at)| at.saturating_duration_since(run.began).as_secs_f64()),
             tally.failures()
         );
         tally.print_examples("    ");
     }
+    let slower = new.latencies_us.iter().filter(|&&us| us >= 1_000_000).count();
+    println!(
+        "    new connections (one every {NEWCOMER_EVERY:?}, connect + GET /healthz): {} answered, p50 / p99 / max {} / {:.2} ms, {slower} took 1 s or more; failures: {}",
+        new.ok,
+        p50_p99(new),
+        new.percentile(100.0),
+        new.failures()
+    );
+    new.print_examples("    ");
 }
 
 /// The slow connections of one kind (or all), counted.

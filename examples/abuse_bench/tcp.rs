@@ -36,6 +36,12 @@ impl Counters {
         Counters(map)
     }
 
+    /// How much counter `name` grew since `before`.
+    pub fn grew(&self, before: &Counters, name: &str) -> u64 {
+        let get = |c: &Counters| c.0.get(name).copied().unwrap_or(0);
+        get(self).saturating_sub(get(before))
+    }
+
     /// The counters that grew since `before`, e.g. "ListenOverflows +48";
     /// "none" when none did.
     pub fn since(&self, before: &Counters) -> String {
@@ -72,4 +78,53 @@ pub fn server_side_peers(server_port: u16) -> HashSet<u16> {
             (port(local)? == server_port && *state != "0A").then(|| port(remote))?
         })
         .collect()
+}
+
+/// The connections waiting in the accept queue of the listener on `port`
+/// (for a listener, `/proc/net/tcp`'s rx_queue).
+pub fn accept_queue(port: u16) -> Option<u32> {
+    let text = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    text.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (local, state, queues) = (fields.get(1)?, fields.get(3)?, fields.get(4)?);
+        let local_port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
+        if local_port != port || *state != "0A" {
+            return None;
+        }
+        u32::from_str_radix(queues.split_once(':')?.1, 16).ok()
+    })
+}
+
+/// The listen backlog of the listener on `port` (`ss`'s Send-Q), if `ss`
+/// is there to say.
+pub fn listen_backlog(port: u16) -> Option<u32> {
+    let output = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{port}")])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.lines().next()?.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Samples the accept queue of the listener on `port` every `every` until
+/// `stop`: the longest it was.
+pub fn sample_accept_queue(
+    port: u16,
+    every: std::time::Duration,
+    stop: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<u32> {
+    tokio::spawn(async move {
+        let mut longest = 0;
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Some(queued) = accept_queue(port) {
+                longest = longest.max(queued);
+            }
+        }
+        longest
+    })
 }
