@@ -442,12 +442,15 @@ pub fn p50_p99(tally: &Tally) -> String {
     format!("{:.2} / {:.2}", tally.percentile(50.0), tally.percentile(99.0))
 }
 
-/// The highest the server's RSS and its open connections (its
-/// `recd_http_connections_open` gauge) were while sampled.
+/// The highest the server's RSS, its open connections and its admission's
+/// gauges (`recd_http_connections_open`, `recd_requests_running`,
+/// `recd_requests_queued`) were while sampled.
 #[derive(Default, Clone, Copy)]
 pub struct Peaks {
     pub rss_kb: u64,
     pub open_connections: f64,
+    pub running: f64,
+    pub queued: f64,
     pub samples: u64,
 }
 
@@ -485,6 +488,8 @@ pub fn sample_peaks(
             peaks.open_connections = peaks
                 .open_connections
                 .max(metric(&text, "recd_http_connections_open", ""));
+            peaks.running = peaks.running.max(metric(&text, "recd_requests_running", ""));
+            peaks.queued = peaks.queued.max(metric(&text, "recd_requests_queued", ""));
         }
         peaks
     })

@@ -136,7 +136,7 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
         }
         phases.push((collectors, ingested, reads));
     }
-    server.print_log_warnings();
+    let log_row = crate::log_findings(SCENARIO, &server);
     server.stop()?;
 
     let rate = |i: usize| phases[i].1.accepted as f64 / args.seconds;
@@ -212,6 +212,7 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
                 reader_p99(2)
             ),
         ),
+        log_row,
     ])
 }
 

@@ -253,3 +253,35 @@ pub async fn start_server(
     );
     Ok(server)
 }
+
+/// The warnings and errors in the server's log, counted by kind (their
+/// text up to the first field, with sqlx's statement summary), printed, and
+/// a row for the table.
+pub fn log_findings(scenario: &'static str, server: &Server) -> Row {
+    let text = server.log_text();
+    let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
+    for line in text.lines() {
+        let Some(at) = line.find(" WARN ").or_else(|| line.find(" ERROR ")) else {
+            continue;
+        };
+        let rest = line[at..].trim();
+        let kind = rest.split(" db.statement=").next().unwrap_or(rest);
+        let kind: String = kind.chars().take(140).collect();
+        *kinds.entry(kind).or_default() += 1;
+    }
+    let total: usize = kinds.values().sum();
+    println!("recd's log: {total} WARN or ERROR lines");
+    for (kind, n) in &kinds {
+        println!("    {n} x {kind}");
+    }
+    let value = if total == 0 {
+        "none".to_owned()
+    } else {
+        kinds
+            .iter()
+            .map(|(kind, n)| format!("{n} x `{}`", kind.replace('|', "/")))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    Row::info(scenario, "recd's log: WARN and ERROR lines", value)
+}

@@ -133,6 +133,10 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
     let retry_after = flood.status(503) - flood.no_retry_after;
     let delta = |name: &str, labels: &str| metric(&after_flood, name, labels) - metric(&before, name, labels);
     println!(
+        "    admission (sampled every 100 ms): at most {} requests running (of max_concurrent_requests), {} queued",
+        peaks.running, peaks.queued
+    );
+    println!(
         "    503s: {} ({} with Retry-After); server's shed counters: {} queue_full, {} queue_timeout; server's 503 answers to recommendations: {}",
         thousands(flood.status(503) as f64),
         thousands(retry_after as f64),
@@ -199,7 +203,7 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
         RECOVERY,
         verdict(recovery_ok)
     );
-    server.print_log_warnings();
+    let log_row = crate::log_findings(SCENARIO, &server);
     server.stop()?;
 
     Ok(vec![
@@ -241,8 +245,21 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
         ),
         Row::info(
             SCENARIO,
+            "flood: admission's requests running / queued, at most (sampled every 100 ms)",
+            format!("{} / {}", peaks.running, peaks.queued),
+        ),
+        Row::info(
+            SCENARIO,
             "server RSS: before → peak during the flood",
             format!("{} → {}", mb(rss_before), mb(peaks.rss_kb)),
+        ),
+        Row::info(
+            SCENARIO,
+            format!(
+                "noise check: goodput of {} connections after the flood (its {} s), and the ratio to it",
+                args.connections, args.recovery_seconds
+            ),
+            format!("{:.0}/s, {:.2}", recovery_rate, flood_rate / recovery_rate),
         ),
         Row::target(
             SCENARIO,
@@ -251,6 +268,7 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
             format!("≤ {} s", RECOVERY.as_secs()),
             recovery_ok,
         ),
+        log_row,
     ])
 }
 

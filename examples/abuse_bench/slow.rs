@@ -218,7 +218,7 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
         "    listen queue: at most {longest_queue} waiting to be accepted (sampled every 10 ms), listen backlog {backlog}; kernel TCP counters (machine-wide) during the phase: {counters}"
     );
     print_normal("normal clients beside the slow ones", &beside, &beside_new);
-    server.print_log_warnings();
+    let log_row = crate::log_findings(SCENARIO, &server);
     server.stop()?;
 
     let opened = total.opened;
@@ -315,6 +315,7 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
         total.connect_failed,
         failed
     );
+    rows.push(log_row);
     Ok(rows)
 }
 
