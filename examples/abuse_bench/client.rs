@@ -451,46 +451,59 @@ pub struct Peaks {
     pub open_connections: f64,
     pub running: f64,
     pub queued: f64,
+    /// `/metrics` answers read.
     pub samples: u64,
 }
 
-/// Samples the server (`pid`, at `addr`) every `every` until `stop`.
+/// Samples the server (`pid`, at `addr`) every `every` until `stop`: its
+/// RSS from /proc, and on a loop of its own (an answer may be slow under
+/// load) its gauges from `/metrics`.
 pub fn sample_peaks(
     addr: SocketAddr,
     pid: u32,
     every: Duration,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<Peaks> {
+    let gauges = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut peaks = Peaks::default();
+            let client = reqwest::Client::new();
+            let url = format!("http://{addr}/metrics");
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let text = tokio::select! {
+                    () = stop.cancelled() => break,
+                    _ = tick.tick() => match client.get(&url).send().await {
+                        Ok(reply) => reply.text().await.unwrap_or_default(),
+                        Err(_) => continue,
+                    },
+                };
+                peaks.open_connections = peaks
+                    .open_connections
+                    .max(metric(&text, "recd_http_connections_open", ""));
+                peaks.running = peaks.running.max(metric(&text, "recd_requests_running", ""));
+                peaks.queued = peaks.queued.max(metric(&text, "recd_requests_queued", ""));
+                peaks.samples += 1;
+            }
+            peaks
+        }
+    });
     tokio::spawn(async move {
-        let mut peaks = Peaks::default();
-        let client = reqwest::Client::new();
-        let url = format!("http://{addr}/metrics");
+        let mut rss_kb = 0;
         let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
             if let Ok((rss, _)) = crate::system::rss_kb(pid) {
-                peaks.rss_kb = peaks.rss_kb.max(rss);
-                peaks.samples += 1;
+                rss_kb = rss_kb.max(rss);
             }
-            // The metrics answer may be slow under a flood; RSS is sampled
-            // on time regardless.
-            let text = tokio::select! {
-                () = stop.cancelled() => break,
-                reply = client.get(&url).timeout(every.max(Duration::from_secs(1))).send() => match reply {
-                    Ok(r) => r.text().await.unwrap_or_default(),
-                    Err(_) => continue,
-                },
-            };
-            peaks.open_connections = peaks
-                .open_connections
-                .max(metric(&text, "recd_http_connections_open", ""));
-            peaks.running = peaks.running.max(metric(&text, "recd_requests_running", ""));
-            peaks.queued = peaks.queued.max(metric(&text, "recd_requests_queued", ""));
         }
+        let mut peaks = gauges.await.unwrap_or_default();
+        peaks.rss_kb = rss_kb;
         peaks
     })
 }

@@ -145,10 +145,10 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
         delta("recd_http_requests_total", "status=\"503\"")
     );
     println!(
-        "    server RSS peak during the flood {} (sampled {} times every 100 ms; lifetime peak VmHWM {}); open connections at most {}; the flood's tasks had ended {:.2} s after its end; connections opened {}; kernel TCP counters (machine-wide): {counters}",
+        "    server RSS peak during the flood {} (sampled every 100 ms; lifetime peak VmHWM {}); /metrics answered {} times (asked every 100 ms, one at a time); open connections at most {}; the flood's tasks had ended {:.2} s after its end; connections opened {}; kernel TCP counters (machine-wide): {counters}",
         mb(peaks.rss_kb),
-        peaks.samples,
         mb(hwm),
+        peaks.samples,
         peaks.open_connections,
         (flood_stopped - end).as_secs_f64(),
         thousands(flood.connects as f64)

@@ -136,7 +136,9 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
     tokio::time::sleep(Duration::from_millis(300)).await;
     let probes = tokio::spawn(newcomers(addr, NEWCOMER_EVERY, stop.clone()));
     let peaks = sample_peaks(addr, server.pid(), Duration::from_millis(250), stop.clone());
-    let queue = sample_accept_queue(addr.port(), Duration::from_millis(10), stop.clone());
+    // The accept queue matters while the waves come.
+    let stop_queue = CancellationToken::new();
+    let queue = sample_accept_queue(addr.port(), Duration::from_millis(10), stop_queue.clone());
     let began = Instant::now();
     let waves = args.slow_connections.div_ceil(args.wave);
     let give_up = began + Duration::from_millis(100 * waves as u64) + timeout + margin + GIVE_UP_AFTER;
@@ -151,6 +153,8 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
         }
     }
     let opened_in = began.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_queue.cancel();
     let mut outcomes = Vec::with_capacity(tasks.len());
     for task in tasks {
         outcomes.push(task.await?);
@@ -215,7 +219,7 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
         "    of those never closed: {held} have a server-side socket (open on the server: a defect), {unseen} have none (the server never saw them: their handshake's last ACK was dropped)"
     );
     println!(
-        "    listen queue: at most {longest_queue} waiting to be accepted (sampled every 10 ms), listen backlog {backlog}; kernel TCP counters (machine-wide) during the phase: {counters}"
+        "    listen queue: at most {longest_queue} waiting to be accepted (sampled every 10 ms during the waves and 1 s after), listen backlog {backlog}; kernel TCP counters (machine-wide) during the phase: {counters}"
     );
     print_normal("normal clients beside the slow ones", &beside, &beside_new);
     let log_row = crate::log_findings(SCENARIO, &server);

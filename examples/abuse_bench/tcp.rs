@@ -81,18 +81,24 @@ pub fn server_side_peers(server_port: u16) -> HashSet<u16> {
 }
 
 /// The connections waiting in the accept queue of the listener on `port`
-/// (for a listener, `/proc/net/tcp`'s rx_queue).
+/// (for a listener, `/proc/net/tcp`'s rx_queue). Listeners come first in
+/// that file: it is read only as far as they go, which stays cheap with
+/// thousands of connections open.
 pub fn accept_queue(port: u16) -> Option<u32> {
-    let text = std::fs::read_to_string("/proc/net/tcp").ok()?;
-    text.lines().skip(1).find_map(|line| {
+    use std::io::BufRead;
+    let file = std::fs::File::open("/proc/net/tcp").ok()?;
+    for line in std::io::BufReader::new(file).lines().skip(1) {
+        let line = line.ok()?;
         let fields: Vec<&str> = line.split_whitespace().collect();
         let (local, state, queues) = (fields.get(1)?, fields.get(3)?, fields.get(4)?);
-        let local_port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
-        if local_port != port || *state != "0A" {
+        if *state != "0A" {
             return None;
         }
-        u32::from_str_radix(queues.split_once(':')?.1, 16).ok()
-    })
+        if u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()? == port {
+            return u32::from_str_radix(queues.split_once(':')?.1, 16).ok();
+        }
+    }
+    None
 }
 
 /// The listen backlog of the listener on `port` (`ss`'s Send-Q), if `ss`
