@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{closed_loop, metric, metrics, recs_path, sample_peaks, Asker, Tally};
+use crate::client::{closed_loop, metric, metrics, newcomers, p50_p99, recs_path, sample_peaks, Asker, Tally};
 use crate::data::Prepared;
 use crate::report::{verdict, Row};
 use crate::system::{cpu_seconds, mb, rss_kb, thousands, warn_if_compiling};
@@ -84,6 +84,8 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
     let recovery_end = end + Duration::from_secs_f64(args.recovery_seconds);
     let stop_sampling = CancellationToken::new();
     let peaks = sample_peaks(addr, pid, Duration::from_millis(100), stop_sampling.clone());
+    // A liveness probe's view: /healthz is outside admission, not outside the flood.
+    let probes = tokio::spawn(newcomers(addr, Duration::from_millis(100), stop_sampling.clone()));
     let mut flood_tasks = Vec::with_capacity(args.flood_connections);
     for wave in 0..waves {
         tokio::time::sleep_until((began + Duration::from_millis(100 * wave as u64)).into()).await;
@@ -110,6 +112,7 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
     let flood_stopped = Instant::now();
     stop_sampling.cancel();
     let peaks = peaks.await?;
+    let probes = probes.await??;
     let flood_cores = cores(pid, cpu, (end - began).as_secs_f64())?;
     let after_flood = metrics(addr).await?;
     let counters_after = Counters::read();
@@ -132,6 +135,14 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
     );
     let retry_after = flood.status(503) - flood.no_retry_after;
     let delta = |name: &str, labels: &str| metric(&after_flood, name, labels) - metric(&before, name, labels);
+    println!(
+        "    a new connection's GET /healthz every 100 ms during the flood: {} answered, p50 / p99 / max {} / {:.2} ms; failures: {}",
+        probes.ok,
+        p50_p99(&probes),
+        probes.percentile(100.0),
+        probes.failures()
+    );
+    probes.print_examples("    ");
     println!(
         "    admission (sampled every 100 ms): at most {} requests running (of max_concurrent_requests), {} queued",
         peaks.running, peaks.queued
@@ -241,6 +252,16 @@ pub async fn run(args: &Args, recd: &Path, prepared: &Prepared) -> anyhow::Resul
                 flood.non_2xx() - flood.status(503),
                 flood.transport_errors,
                 flood.connect_errors
+            ),
+        ),
+        Row::info(
+            SCENARIO,
+            "flood: a new connection's GET /healthz every 100 ms, p50 / p99 / max ms (failures)",
+            format!(
+                "{} / {:.2} ({})",
+                p50_p99(&probes),
+                probes.percentile(100.0),
+                probes.non_2xx() + probes.transport_errors
             ),
         ),
         Row::info(
