@@ -10,15 +10,20 @@
 //!   `GET /healthz` and `GET /v1/users/{id}/recommendations?n=10` at a fixed
 //!   rate (latency from each request's scheduled time, so a stall shows as
 //!   latency rather than as fewer requests), first alone (the baseline),
-//!   then beside the slow clients. Prints how many slow connections the
-//!   server closed within the timeout plus `--margin`, later, or never,
-//!   connect failures, the time until all were closed, and the normal
-//!   requests' p50/p99 in both phases.
+//!   then beside the slow clients; a new connection asks `/healthz` every
+//!   100 ms. Prints how many slow connections the server closed within the
+//!   timeout plus `--margin`, later, or never (and whether the server holds
+//!   a socket for those never closed: a client can be connected to a
+//!   server that never saw it, after a listen-queue overflow), connect
+//!   failures, the time until all were closed, the listen backlog and the
+//!   kernel's overflow counters, and the normal requests' p50/p99 in both
+//!   phases.
 //! - `overload` (item 5): recommendations (each a new ranking) from 64
 //!   keep-alive connections in a closed loop, then from 3,000 (opened in
 //!   waves): goodput (2xx/s) and p99 of the 2xx answers, 503s and whether
 //!   each had `Retry-After`, other statuses, transport errors, the server's
-//!   RSS peak (sampled every 100 ms) during the flood; once the flood stops
+//!   RSS peak (sampled every 100 ms), its admission gauges and a new
+//!   connection's `/healthz` during the flood; once the flood stops
 //!   (its connections dropped), 64 connections again, their 2xx counted in
 //!   250 ms windows: "recovery" is the time until the end of the first
 //!   window at 90% or more of the first phase's rate. PASS/MISS: goodput
@@ -48,7 +53,8 @@
 //! The modules: `data` prepares the store, `client` holds the HTTP client
 //! side shared by the scenarios (requests, paced and closed-loop load,
 //! latency figures, `/metrics`), `slow`, `overload` and `ingest` are the
-//! scenarios, `report` prints the closing table; `server` (the `recd`
+//! scenarios, `tcp` reads what the kernel says about the connections,
+//! `report` prints the closing table; `server` (the `recd`
 //! children) and `system` (/proc, the machine) are serve_bench's.
 
 mod client;
