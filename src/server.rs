@@ -90,9 +90,7 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
         // The demo answers personally within a minute, whatever the interval.
         let _ = crate::trainer::start_training(&app, crate::trainer::TrainFrom::Scratch).await;
     }
-    let listener = tokio::net::TcpListener::bind(app.settings.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", app.settings.listen))?;
+    let listener = listen(app.settings.listen).with_context(|| format!("cannot listen on {}", app.settings.listen))?;
     tracing::info!(
         address = %listener.local_addr()?,
         store = store.kind(),
@@ -103,6 +101,23 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Connections the kernel holds for recd before it accepts them. Tokio's
+/// `bind` asks for 128, which a burst of a few thousand connects overflows
+/// (the kernel then drops handshakes); the kernel caps it at
+/// `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(address: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// `recd eval`: train on a CSV's leave-one-out split and print the figures;

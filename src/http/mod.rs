@@ -142,7 +142,10 @@ pub fn router(app: App) -> Router {
         .layer(middleware::from_fn(problems_for_bare_errors))
         .layer(middleware::from_fn(close_after_refusal))
         .layer(middleware::from_fn(record_metrics))
-        .layer(TraceLayer::new_for_http())
+        // Failures are logged where they happen (an internal error at ERROR,
+        // the store at WARN); a 503 or 429 under a flood is not one to log
+        // per request, it is counted in recd_requests_shed_total.
+        .layer(TraceLayer::new_for_http().on_failure(()))
         .layer(CatchPanicLayer::custom(|_| {
             ApiError::Internal(anyhow::anyhow!("a handler panicked")).into_response()
         }))
