@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -17,6 +18,7 @@ use super::{ApiResult, AppState};
 use crate::clock::now_ms;
 use crate::domain::Impression;
 use crate::ingest::check_id;
+use crate::recommend::catalogue::{CatalogueFields, Fields};
 use crate::recommend::{Exclude, Ranked, Request, Serving, HISTORY_LIMIT};
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
@@ -52,6 +54,11 @@ struct RecommendationsQuery {
     /// well).
     #[param(default = false)]
     explain: Option<bool>,
+    /// Catalogue fields to return with each item, comma-separated: any of
+    /// `title`, `price`, `categories`, `attributes` (from memory, no
+    /// query per item). Default: none.
+    #[param(example = "title,price")]
+    fields: Option<String>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -74,6 +81,11 @@ struct SimilarQuery {
     /// Only items in this category.
     #[param(min_length = 1, max_length = 256)]
     category: Option<String>,
+    /// Catalogue fields to return with each item, comma-separated: any of
+    /// `title`, `price`, `categories`, `attributes` (from memory, no
+    /// query per item). Default: none.
+    #[param(example = "title,price")]
+    fields: Option<String>,
 }
 
 /// The parameters of `GET /v1/popular`.
@@ -91,6 +103,11 @@ struct PopularQuery {
     /// `30m`, `250ms`, a bare number of seconds; `0` = all events; at most
     /// 100 years. Default: `popular_window` (30 days).
     window: Option<String>,
+    /// Catalogue fields to return with each item, comma-separated: any of
+    /// `title`, `price`, `categories`, `attributes` (from memory, no
+    /// query per item). Default: none.
+    #[param(example = "title,price")]
+    fields: Option<String>,
 }
 
 /// An item of a list, with its score (comparable only within one answer).
@@ -98,6 +115,10 @@ struct PopularQuery {
 struct ItemScore {
     item_id: String,
     score: f64,
+    /// The catalogue fields asked for with `fields=`; none unless asked.
+    #[serde(flatten)]
+    #[schema(value_type = CatalogueFields)]
+    fields: Map<String, Value>,
 }
 
 /// A list of items: similar or popular.
@@ -147,13 +168,47 @@ fn flag(params: &Params, name: &str, errors: &mut Vec<Invalid>) -> bool {
     }
 }
 
+/// `fields`: catalogue fields to add to each item.
+fn wanted_fields(params: &Params, errors: &mut Vec<Invalid>) -> Fields {
+    let Some(list) = params.get("fields") else {
+        return Fields::default();
+    };
+    Fields::parse(list).unwrap_or_else(|unknown| {
+        errors.push(Invalid::new(
+            "fields",
+            format!(
+                "unknown field {unknown:?}: must be a comma-separated list of {}",
+                Fields::NAMES.join(", ")
+            ),
+        ));
+        Fields::default()
+    })
+}
+
+/// Adds the wanted catalogue fields to each item, from the catalogue in
+/// memory (one lock for the whole answer).
+fn add_fields<'a>(
+    state: &AppState,
+    wanted: Fields,
+    items: impl Iterator<Item = (&'a str, &'a mut Map<String, Value>)>,
+) {
+    if !wanted.any() {
+        return;
+    }
+    let catalogue = state.serving.catalogue.view();
+    for (item_id, fields) in items {
+        *fields = catalogue.fields(item_id, wanted);
+    }
+}
+
 fn path_id(field: &str, id: &str) -> ApiResult<()> {
     check_id(field, id).map_err(|e| ApiError::invalid(vec![e.into()]))
 }
 
-fn parse_request(params: &Params) -> ApiResult<Request> {
+fn parse_request(params: &Params) -> ApiResult<(Request, Fields)> {
     let mut errors = Vec::new();
     let n = count(params, &mut errors);
+    let fields = wanted_fields(params, &mut errors);
     let category = category(params, &mut errors);
     let explain = flag(params, "explain", &mut errors);
     let exclude = match params.get("exclude") {
@@ -179,13 +234,16 @@ fn parse_request(params: &Params) -> ApiResult<Request> {
     if !errors.is_empty() {
         return Err(ApiError::invalid(errors));
     }
-    Ok(Request {
-        n,
-        category,
-        exclude,
-        exclude_items,
-        explain,
-    })
+    Ok((
+        Request {
+            n,
+            category,
+            exclude,
+            exclude_items,
+            explain,
+        },
+        fields,
+    ))
 }
 
 /// A shopper's next items, ranked at request time from their newest events.
@@ -214,7 +272,7 @@ async fn recommendations(
 ) -> ApiResult<Json<RecommendationsBody>> {
     let started = Instant::now();
     path_id("user_id", &user_id)?;
-    let request = parse_request(&params)?;
+    let (request, wanted) = parse_request(&params)?;
     let events = state
         .serving
         .histories
@@ -232,12 +290,17 @@ async fn recommendations(
     } else {
         None
     };
-    let ranked = state.serving.recommend(
+    let mut ranked = state.serving.recommend(
         model.as_deref(),
         &user_id,
         &events,
         &request,
         popular.as_deref().map_or(&[][..], Vec::as_slice),
+    );
+    add_fields(
+        &state,
+        wanted,
+        ranked.items.iter_mut().map(|i| (i.item_id.as_str(), &mut i.fields)),
     );
     let recommendation_id = uuid::Uuid::now_v7().simple().to_string();
     state.serving.impressions.record(Impression {
@@ -283,7 +346,7 @@ struct RecommendationsBody {
         (status = 200, description = "The list (possibly empty)", body = ScoredItems),
         (status = 404, description = "`not-found`: the item is not in the catalogue, or is deleted",
             body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "`invalid-fields`: invalid `n`, `category` or `item_id`",
+        (status = 422, description = "`invalid-fields`: invalid `n`, `category`, `fields` or `item_id`",
             body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -297,6 +360,7 @@ async fn similar(
     let mut errors = Vec::new();
     let n = count(&params, &mut errors);
     let category = category(&params, &mut errors);
+    let wanted = wanted_fields(&params, &mut errors);
     if !errors.is_empty() {
         return Err(ApiError::invalid(errors));
     }
@@ -307,12 +371,13 @@ async fn similar(
     let found = model
         .as_deref()
         .and_then(|m| state.serving.similar(m, &item_id, n, category.as_deref()));
-    let items: Vec<ItemScore> = match found {
+    let mut items: Vec<ItemScore> = match found {
         Some(items) => items
             .into_iter()
             .map(|s| ItemScore {
                 item_id: s.item_id,
                 score: f64::from(s.score),
+                fields: Map::new(),
             })
             .collect(),
         None => {
@@ -332,10 +397,16 @@ async fn similar(
                 .map(|(id, score)| ItemScore {
                     item_id: id.clone(),
                     score: *score,
+                    fields: Map::new(),
                 })
                 .collect()
         }
     };
+    add_fields(
+        &state,
+        wanted,
+        items.iter_mut().map(|i| (i.item_id.as_str(), &mut i.fields)),
+    );
     metrics::histogram!("recd_recommendation_duration_seconds", "strategy" => "similar")
         .record(started.elapsed().as_secs_f64());
     Ok(Json(ScoredItems {
@@ -356,7 +427,7 @@ async fn similar(
     params(PopularQuery),
     responses(
         (status = 200, description = "The list (possibly empty)", body = ScoredItems),
-        (status = 422, description = "`invalid-fields`: invalid `n`, `category` or `window`",
+        (status = 422, description = "`invalid-fields`: invalid `n`, `category`, `window` or `fields`",
             body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -379,6 +450,7 @@ async fn popular(State(state): State<AppState>, Query(params): Query<Params>) ->
             }
         },
     };
+    let wanted = wanted_fields(&params, &mut errors);
     if !errors.is_empty() {
         return Err(ApiError::invalid(errors));
     }
@@ -391,6 +463,7 @@ async fn popular(State(state): State<AppState>, Query(params): Query<Params>) ->
             .map(|(id, score)| ItemScore {
                 item_id: id.clone(),
                 score: *score,
+                fields: catalogue.fields(id, wanted),
             })
             .collect()
     };

@@ -68,6 +68,23 @@ impl Fields {
     }
 }
 
+/// The catalogue fields an item in an answer carries when they are asked
+/// for (`fields=title,price,categories,attributes`): only those asked for
+/// are present.
+// Describes, for the OpenAPI document, the members `View::fields` adds.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct CatalogueFields {
+    /// The item's title; `null` when it has none.
+    title: Option<String>,
+    /// The item's price; `null` when it has none.
+    price: Option<f64>,
+    /// The item's categories (empty when it has none).
+    categories: Option<Vec<String>>,
+    /// The item's attributes (empty when it has none).
+    attributes: Option<Map<String, Value>>,
+}
+
 /// Only items that are blocked, have categories or have details take
 /// memory: an item absent here is recommendable, in no category, and has
 /// no title, price or attributes.

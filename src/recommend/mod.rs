@@ -20,7 +20,7 @@
 //! - `catalogue`, `history`, `popular`: what ranking reads besides the
 //!   model, kept in memory; `warm`: states made ahead of requests.
 
-mod catalogue;
+pub mod catalogue;
 mod history;
 mod impressions;
 mod index;
@@ -109,6 +109,10 @@ pub struct Scored {
     pub score: f32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<Reason>,
+    /// The catalogue fields asked for with `fields=`; none unless asked.
+    #[serde(flatten)]
+    #[schema(value_type = catalogue::CatalogueFields)]
+    pub fields: serde_json::Map<String, serde_json::Value>,
 }
 
 /// How a ranking was made.

@@ -116,6 +116,7 @@ impl Serving {
                 item_id: model.item_id(i).to_owned(),
                 score,
                 reason: request.explain.then(|| reason_for(model, history, i)),
+                fields: Default::default(),
             })
             .collect();
         Ranked {
@@ -148,6 +149,7 @@ impl Serving {
                 item_id: id.clone(),
                 score: *score as f32,
                 reason: request.explain.then_some(Reason { kind, item_id: None }),
+                fields: Default::default(),
             })
             .collect();
         Ranked {
@@ -192,6 +194,7 @@ impl Serving {
                     item_id: model.item_id(i).to_owned(),
                     score,
                     reason: None,
+                    fields: Default::default(),
                 })
                 .collect(),
         )

@@ -589,8 +589,97 @@ async fn a_newer_snapshot_format_is_passed_over(app: TestApp) {
     assert_eq!(model(&app).await["version"], snapshot.meta.version.as_str());
 }
 
+/// The catalogue entry of each listed item, as `GET /v1/items/{id}` gives it.
+async fn catalogue_entries(app: &TestApp, reply: &Value) -> Vec<Value> {
+    let mut entries = Vec::new();
+    for id in ids(reply) {
+        let response = app.get(&format!("/v1/items/{id}")).await;
+        assert_eq!(response.status(), 200, "{id}");
+        entries.push(response.json().await.unwrap());
+    }
+    entries
+}
+
+/// `fields=` adds exactly the fields asked for to each item, as the
+/// catalogue holds them now, on every list; without it, items carry none.
+async fn answers_carry_catalogue_fields(app: TestApp) {
+    seed_shop(&app, 60).await;
+    let version = published(&app).await;
+    let listed: Value = app.get("/v1/popular?n=3").await.json().await.unwrap();
+    let first = ids(&listed)[0].clone();
+    // One item with attributes and a new title: answers show the change at once.
+    let mut item: Value = app.get(&format!("/v1/items/{first}")).await.json().await.unwrap();
+    item["title"] = json!("Renamed");
+    item["attributes"] = json!({"brand": "Acme", "size": 42});
+    assert_eq!(app.put(&format!("/v1/items/{first}"), &item).await.status(), 200);
+
+    let all = ["title", "price", "categories", "attributes"];
+    let user = "user-0";
+    let personal = recommend(&app, user, "n=5&fields=title,price,categories,attributes").await;
+    assert_eq!(personal["strategy"], "personalized", "{personal}");
+    assert_eq!(personal["model_version"], version.as_str());
+    let similar: Value = app
+        .get(&format!(
+            "/v1/items/{first}/similar?n=5&fields=title,price,categories,attributes"
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let popular: Value = app
+        .get("/v1/popular?n=5&fields=attributes,title,categories,price")
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(ids(&popular).contains(&first), "{popular}");
+    for reply in [&personal, &similar, &popular] {
+        assert!(!ids(reply).is_empty(), "{reply}");
+        let entries = catalogue_entries(&app, reply).await;
+        for (got, entry) in reply["items"].as_array().unwrap().iter().zip(&entries) {
+            for field in all {
+                assert_eq!(got[field], entry[field], "{field} of {got}");
+            }
+        }
+    }
+    let shown = popular["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["item_id"] == first.as_str())
+        .unwrap();
+    assert_eq!(shown["title"], "Renamed");
+    assert_eq!(shown["attributes"], json!({"brand": "Acme", "size": 42}));
+
+    // Only what is asked for; nothing without `fields`.
+    let some = recommend(&app, user, "n=5&fields=price").await;
+    let bare = recommend(&app, user, "n=5").await;
+    for (reply, wanted) in [(&some, &["price"][..]), (&bare, &[][..])] {
+        for got in reply["items"].as_array().unwrap() {
+            for field in all {
+                assert_eq!(got.get(field).is_some(), wanted.contains(&field), "{field} in {got}");
+            }
+        }
+    }
+
+    // An unknown field is a 422 naming `fields`, on each of the three.
+    for path in [
+        format!("/v1/users/{user}/recommendations?fields=title,colour"),
+        format!("/v1/items/{first}/similar?fields=colour"),
+        "/v1/popular?fields=colour".to_owned(),
+    ] {
+        let body = crate::helpers::problem(app.get(&path).await, 422).await;
+        assert_eq!(body["errors"][0]["field"], "fields", "{path}: {body}");
+        assert!(
+            body["errors"][0]["message"].as_str().unwrap().contains("colour"),
+            "{body}"
+        );
+    }
+}
+
 crate::both_stores!(with crate::serving::fast;
     a_continued_training_learns_new_items,
+    answers_carry_catalogue_fields,
     a_new_event_changes_the_next_answer,
     a_newer_snapshot_format_is_passed_over,
     cold_start_and_filters_hold,
