@@ -133,8 +133,23 @@ async fn operations_name_scopes_and_problems(app: TestApp) {
     let names: Vec<&str> = parameters.iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["user_id", "n", "category", "exclude", "exclude_items", "explain"]
+        [
+            "user_id",
+            "n",
+            "category",
+            "exclude",
+            "exclude_items",
+            "explain",
+            "fields"
+        ]
     );
+    for path in ["/v1/items/{item_id}/similar", "/v1/popular"] {
+        let parameters = paths[path]["get"]["parameters"].as_array().unwrap();
+        assert!(
+            parameters.iter().any(|p| p["name"] == "fields"),
+            "{path} documents fields"
+        );
+    }
     let problem = &document["components"]["schemas"]["Problem"];
     for field in ["type", "title", "status", "detail"] {
         assert!(
