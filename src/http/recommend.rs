@@ -455,7 +455,7 @@ async fn popular(State(state): State<AppState>, Query(params): Query<Params>) ->
         return Err(ApiError::invalid(errors));
     }
     let list = state.serving.popular.get(&state.store, window).await?;
-    let items: Vec<ItemScore> = {
+    let mut items: Vec<ItemScore> = {
         let catalogue = state.serving.catalogue.view();
         list.iter()
             .filter(|(id, _)| catalogue.allows(id, category.as_deref()))
@@ -463,10 +463,15 @@ async fn popular(State(state): State<AppState>, Query(params): Query<Params>) ->
             .map(|(id, score)| ItemScore {
                 item_id: id.clone(),
                 score: *score,
-                fields: catalogue.fields(id, wanted),
+                fields: Map::new(),
             })
             .collect()
     };
+    add_fields(
+        &state,
+        wanted,
+        items.iter_mut().map(|i| (i.item_id.as_str(), &mut i.fields)),
+    );
     metrics::histogram!("recd_recommendation_duration_seconds", "strategy" => "popular_list")
         .record(started.elapsed().as_secs_f64());
     Ok(Json(ScoredItems {
