@@ -396,6 +396,142 @@ async fn the_store_keeps_its_key_and_rotates_it(app: TestApp) {
     app.stop().await;
 }
 
+/// On PostgreSQL an erasure is announced to the other replicas with the
+/// user's stored (encrypted) id: they drop what they cached of the shop's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_replicas_forget_an_erased_user() {
+    let Some(first) = spawn_app_with(Db::Postgres, keyed).await else {
+        return;
+    };
+    let mut settings = test_settings(&first.database_url);
+    keyed(&mut settings);
+    let second = start(settings, None).await;
+    seed(&first, recd::clock::now_ms() - 120_000).await;
+    let trained = train_now(&first).await;
+    assert_eq!(trained["last_training"]["outcome"], "published", "{trained}");
+    second.app.load_latest().await.unwrap();
+    let before = recommend(&second, "user-7", "n=5").await;
+    assert_eq!(before["strategy"], "personalized", "{before}");
+
+    let reply: Value = first.delete("/v1/users/user-7").await.json().await.unwrap();
+    assert!(reply["deleted_events"].as_u64().unwrap() > 0, "{reply}");
+    let mut after = Value::Null;
+    for _ in 0..100 {
+        after = recommend(&second, "user-7", "n=5").await;
+        if after["strategy"] == "popular" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        after["strategy"], "popular",
+        "the other replica forgot the user: {after}"
+    );
+    second.stop().await;
+    first.stop().await;
+}
+
+/// The binary: a start with another key fails with the clear error (and
+/// never prints a key); `recd rotate-id-key` takes the new key from
+/// `RECD_NEW_ID_KEY`.
+async fn the_binary_refuses_another_key_and_rotates(db: Db) {
+    let Some((url, _dir)) = crate::helpers::fresh_database(db).await else {
+        return;
+    };
+    let recd = |args: &[&str], id_key: &str, new_key: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_recd"));
+        cmd.args(args)
+            .env("RECD_DATABASE_URL", &url)
+            .env("RECD_ID_KEY", id_key)
+            .env("RECD_LISTEN", format!("127.0.0.1:{}", crate::helpers::free_port()))
+            .env("RECD_API_KEYS", "")
+            .env("RECD_TRAIN_INTERVAL", "0")
+            .env_remove("RECD_NEW_ID_KEY")
+            .env("RUST_LOG", "warn");
+        if let Some(key) = new_key {
+            cmd.env("RECD_NEW_ID_KEY", key);
+        }
+        let out = cmd.output().expect("recd runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    // The first start records the key.
+    let (ok, text) = recd(&["migrate"], KEY_A, None);
+    assert!(ok, "{text}");
+    let store = Store::open(
+        &url,
+        &recd::store::StoreOptions {
+            id_key: key(KEY_A),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let events: Vec<recd::domain::NewEvent> = (0..3)
+        .map(|k| recd::domain::NewEvent {
+            event_id: Some(format!("e{k}")),
+            user_id: SHOPPER.into(),
+            item_id: format!("item-{k}"),
+            kind: recd::domain::EventType::View,
+            value: None,
+            ts: 1_700_000_000_000 + k,
+            timestamped: true,
+            session_id: Some(SESSION.into()),
+            recommendation_id: None,
+        })
+        .collect();
+    assert_eq!(store.insert_events(&events, 1_700_000_000_000).await.unwrap(), 3);
+    store.close().await;
+
+    let (ok, text) = recd(&["serve"], KEY_B, None);
+    assert!(!ok, "serve must refuse another key: {text}");
+    assert!(text.contains("encrypted with another id_key"), "{text}");
+    assert!(!text.contains(KEY_A) && !text.contains(KEY_B), "no key printed: {text}");
+
+    let (ok, text) = recd(&["rotate-id-key"], KEY_A, Some(KEY_B));
+    assert!(ok, "{text}");
+    assert!(text.contains("rewrote the ids of 3 events"), "{text}");
+    assert!(!text.contains(KEY_A) && !text.contains(KEY_B), "no key printed: {text}");
+    let (ok, text) = recd(&["migrate"], KEY_A, None);
+    assert!(!ok && text.contains("encrypted with another id_key"), "{text}");
+    let (ok, text) = recd(&["migrate"], KEY_B, None);
+    assert!(ok, "{text}");
+    let (ok, text) = recd(&["rotate-id-key", "--decrypt", "--new-key", KEY_A], KEY_B, None);
+    assert!(!ok, "--decrypt and --new-key conflict: {text}");
+
+    let store = Store::open(
+        &url,
+        &recd::store::StoreOptions {
+            id_key: key(KEY_B),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let events = store.user_events(SHOPPER, 10).await.unwrap();
+    assert_eq!(events.len(), 3);
+    assert!(events.iter().all(|e| e.session_id.as_deref() == Some(SESSION)));
+    store.close().await;
+}
+
+mod binary {
+    use crate::helpers::Db;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::the_binary_refuses_another_key_and_rotates(Db::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::the_binary_refuses_another_key_and_rotates(Db::Postgres).await;
+    }
+}
+
 crate::both_stores!(with super::keyed;
     no_shopper_id_is_stored_and_every_endpoint_answers_the_same,
     the_store_keeps_its_key_and_rotates_it,
