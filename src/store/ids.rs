@@ -15,9 +15,12 @@
 //! it was written with. Neither reveals the other or the setting.
 //!
 //! Stored form: `~` followed by the synthetic IV and the ciphertext in URL-
-//! safe base64 without padding (a 10-character id takes 36 characters).
-//! User ids and session ids are encrypted with different associated data,
-//! so equal strings in the two columns do not match.
+//! safe base64 without padding. The id is padded with NUL bytes (which no
+//! id holds: ids have no control characters) to a multiple of 16 bytes
+//! before encryption, so that the stored text tells an id's length only to
+//! within 16 bytes (an id of up to 16 bytes takes 44 characters). User ids
+//! and session ids are encrypted with different associated data, so equal
+//! strings in the two columns do not match.
 
 use std::fmt;
 use std::sync::Arc;
@@ -30,6 +33,9 @@ use hkdf::Hkdf;
 use serde::{Deserialize, Deserializer};
 use sha2::Sha256;
 use zeroize::Zeroizing;
+
+/// Ids are padded to a multiple of this many bytes before encryption.
+const PAD: usize = 16;
 
 /// What encrypted ids start with (the shop's own may too: the store's
 /// fingerprint, not the text, says whether its ids are encrypted).
@@ -159,9 +165,11 @@ impl Ids {
         match &self.0 {
             None => id.to_owned(),
             Some(cipher) => {
+                let mut padded = id.as_bytes().to_vec();
+                padded.resize(id.len().div_ceil(PAD).max(1) * PAD, 0);
                 let mut siv = Aes256Siv::new((&*cipher.key).into());
                 let sealed = siv
-                    .encrypt([kind.associated_data()], id.as_bytes())
+                    .encrypt([kind.associated_data()], &padded)
                     .expect("AES-SIV encrypts any id");
                 let mut text = String::with_capacity(1 + sealed.len().div_ceil(3) * 4);
                 text.push(PREFIX);
@@ -186,9 +194,11 @@ impl Ids {
             .and_then(|b64| URL_SAFE_NO_PAD.decode(b64).ok())
             .ok_or(Undecryptable(kind))?;
         let mut siv = Aes256Siv::new((&*cipher.key).into());
-        let clear = siv
+        let mut clear = siv
             .decrypt([kind.associated_data()], &bytes)
             .map_err(|_| Undecryptable(kind))?;
+        let len = clear.iter().rposition(|&b| b != 0).map_or(0, |last| last + 1);
+        clear.truncate(len);
         String::from_utf8(clear).map_err(|_| Undecryptable(kind))
     }
 
@@ -230,6 +240,24 @@ mod tests {
         assert_ne!(other.seal(IdKind::User, "alice@example.com"), a);
         assert!(other.open(IdKind::User, a).is_err());
         assert!(ids.open(IdKind::User, "alice".into()).is_err());
+    }
+
+    #[test]
+    fn lengths_show_only_to_within_16_bytes() {
+        let ids = Ids::new(Some(&IdKey::parse(KEY).unwrap()));
+        let len = |id: &str| ids.seal(IdKind::User, id).len();
+        assert_eq!(len("a"), len("abcdefghijklmnop"));
+        assert_eq!(len("a"), 1 + (16 + 16usize).div_ceil(3) * 4 - 1);
+        assert!(len("abcdefghijklmnopq") > len("a"));
+        for id in [
+            "a",
+            "abcdefghijklmnop",
+            "abcdefghijklmnopq",
+            "ünïcødé-1",
+            &"x".repeat(128),
+        ] {
+            assert_eq!(ids.open(IdKind::User, ids.seal(IdKind::User, id)).unwrap(), id);
+        }
     }
 
     #[test]

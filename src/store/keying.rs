@@ -72,7 +72,10 @@ impl Store {
             (None, None) => Ok(()),
             (None, Some(stored)) => Err(StoreError::IdKeyMissing { stored: short(&stored) }),
             (Some(mine), Some(stored)) if mine == stored => Ok(()),
-            (Some(_), Some(stored)) => Err(StoreError::IdKeyMismatch { stored: short(&stored) }),
+            (Some(mine), Some(stored)) => Err(StoreError::IdKeyMismatch {
+                stored: short(&stored),
+                mine: short(mine),
+            }),
             (Some(mine), None) => {
                 if self.holds_ids().await? {
                     return Err(StoreError::ClearIds);
@@ -90,7 +93,10 @@ impl Store {
                 // Another replica may have recorded its key meanwhile.
                 match self.stored_id_key_fingerprint().await? {
                     Some(stored) if stored == mine => Ok(()),
-                    Some(stored) => Err(StoreError::IdKeyMismatch { stored: short(&stored) }),
+                    Some(stored) => Err(StoreError::IdKeyMismatch {
+                        stored: short(&stored),
+                        mine: short(&mine),
+                    }),
                     None => Err(StoreError::ClearIds),
                 }
             }
@@ -132,7 +138,12 @@ impl Store {
         let old = match (self.stored_id_key_fingerprint().await?, self.ids.fingerprint()) {
             (None, _) => Ids::default(),
             (Some(stored), Some(mine)) if stored == mine => self.ids.clone(),
-            (Some(stored), Some(_)) => return Err(StoreError::IdKeyMismatch { stored: short(&stored) }),
+            (Some(stored), Some(mine)) => {
+                return Err(StoreError::IdKeyMismatch {
+                    stored: short(&stored),
+                    mine: short(mine),
+                })
+            }
             (Some(stored), None) => return Err(StoreError::IdKeyMissing { stored: short(&stored) }),
         };
         let new = Ids::new(new_key);
@@ -192,13 +203,17 @@ impl Store {
                         let session: Option<String> = row.get("session_id");
                         session_ids.push(session.map(|s| reseal(IdKind::Session, &mut sessions, s)).transpose()?);
                     }
+                    // The bounds let each partition read its index on seq.
                     sqlx::query(
                         "UPDATE events AS e SET user_id = t.u, session_id = t.s
-                         FROM UNNEST($1::int8[], $2::text[], $3::text[]) AS t(seq, u, s) WHERE e.seq = t.seq",
+                         FROM UNNEST($1::int8[], $2::text[], $3::text[]) AS t(seq, u, s)
+                         WHERE e.seq = t.seq AND e.seq BETWEEN $4 AND $5",
                     )
                     .bind(&seqs)
                     .bind(&user_ids)
                     .bind(&session_ids)
+                    .bind(seqs[0])
+                    .bind(after)
                     .execute(&mut *tx)
                     .await?;
                     done.events += rows.len() as u64;

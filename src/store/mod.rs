@@ -76,10 +76,10 @@ pub enum StoreError {
     /// The store's shoppers' ids are encrypted with another key than
     /// `id_key`.
     #[error(
-        "the store's shopper ids are encrypted with another id_key (fingerprint {stored}): start with that key, \
-         or change the store's key with `recd rotate-id-key` (see docs/operations.md)"
+        "the store's shopper ids are encrypted with another id_key (its fingerprint starts {stored}, this key's \
+         {mine}): start with that key, or change the store's key with `recd rotate-id-key` (see docs/operations.md)"
     )]
-    IdKeyMismatch { stored: String },
+    IdKeyMismatch { stored: String, mine: String },
     /// The store's shoppers' ids are encrypted and no `id_key` is set.
     #[error(
         "the store's shopper ids are encrypted (id_key fingerprint {stored}) but id_key (RECD_ID_KEY) is not set: \
@@ -234,6 +234,12 @@ impl Store {
         if let Err(e) = store.check_id_key().await {
             store.close().await;
             return Err(e);
+        }
+        if let Some(fingerprint) = store.ids.fingerprint() {
+            tracing::info!(
+                id_key_fingerprint = &fingerprint[..16],
+                "shoppers' ids are stored encrypted (id_key)"
+            );
         }
         Ok(store)
     }
