@@ -376,6 +376,18 @@ mod tests {
             .merge(("id_key", "abc"))
             .extract::<Settings>();
         assert!(bad.unwrap_err().to_string().contains("64 hex digits"));
+        // All decimal digits, parsed as the environment's values are: a key.
+        let digits = "1234567890".repeat(6) + "1234";
+        let env = Figment::from(Toml::string(DEFAULTS))
+            .merge(("id_key", digits.parse::<figment::value::Value>().unwrap()))
+            .extract::<Settings>();
+        assert!(env.unwrap().id_key.is_some());
+        // A value read as a number is refused without being shown.
+        let number = Figment::from(Toml::string(DEFAULTS))
+            .merge(("id_key", 123456.5))
+            .extract::<Settings>();
+        let error = number.unwrap_err().to_string();
+        assert!(error.contains("64 hex digits") && !error.contains("123456"), "{error}");
     }
 
     #[test]

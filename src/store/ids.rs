@@ -101,16 +101,35 @@ impl fmt::Debug for IdKey {
     }
 }
 
+/// The setting as written: a string, or anything else (a key of decimal
+/// digits only, read from the environment, comes as a number), which is
+/// refused without being shown.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawKey {
+    Text(String),
+    Other(serde::de::IgnoredAny),
+}
+
+fn key_text<'de, D: Deserializer<'de>>(d: D) -> Result<Zeroizing<String>, D::Error> {
+    match RawKey::deserialize(d)? {
+        RawKey::Text(text) => Ok(Zeroizing::new(text)),
+        RawKey::Other(_) => Err(serde::de::Error::custom(
+            "id_key must be 64 hex digits written as a string (a key of decimal digits only is read as a number: \
+             quote it)",
+        )),
+    }
+}
+
 impl<'de> Deserialize<'de> for IdKey {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = Zeroizing::new(String::deserialize(d)?);
-        IdKey::parse(&text).map_err(serde::de::Error::custom)
+        IdKey::parse(&key_text(d)?).map_err(serde::de::Error::custom)
     }
 }
 
 /// An empty `id_key` (the default) means none.
 pub fn optional_id_key<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IdKey>, D::Error> {
-    let text = Zeroizing::new(String::deserialize(d)?);
+    let text = key_text(d)?;
     if text.trim().is_empty() {
         return Ok(None);
     }
