@@ -138,6 +138,7 @@ async fn answers(app: &TestApp, users: &[String]) -> Vec<Value> {
         ]));
     }
     out.push(json!(["popular", get_json(app, "/v1/popular?n=10").await]));
+    out.push(json!(["similar", get_json(app, "/v1/items/item-3/similar?n=5").await]));
     out
 }
 
@@ -292,6 +293,10 @@ async fn no_shopper_id_is_stored_and_every_endpoint_answers_the_same(app: TestAp
     for store in [&clear, &app] {
         assert_eq!(add_shopper(store, base_ms).await["accepted"], 3);
     }
+    // A training reads the encrypted store as well.
+    let trained = train_now(&app).await;
+    let outcome = &trained["last_training"]["outcome"];
+    assert!(outcome == "published" || outcome == "rejected", "{trained}");
     let found = ids_found(&app, &ids).await;
     assert!(found.is_empty(), "stored in clear despite id_key: {found:?}");
     clear.stop().await;
