@@ -169,8 +169,14 @@ impl Store {
         match &self.db {
             Db::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
-                // Every replica must be stopped: a replica still running
-                // would go on writing ids the old way.
+                // No replica may start meanwhile: a start reads the
+                // fingerprint, which waits for this transaction's end.
+                sqlx::query("LOCK TABLE id_key_fingerprint IN ACCESS EXCLUSIVE MODE")
+                    .execute(&mut *tx)
+                    .await?;
+                // Every replica must be stopped: one still running (connected,
+                // as every replica that started is) would go on writing ids
+                // the old way.
                 let others: i64 = sqlx::query_scalar(
                     "SELECT COUNT(*) FROM pg_stat_activity
                      WHERE datname = current_database() AND application_name = $1 AND pid <> pg_backend_pid()",
@@ -181,10 +187,6 @@ impl Store {
                 if others > 0 {
                     return Err(StoreError::ReplicasRunning(others));
                 }
-                // No replica may start meanwhile.
-                sqlx::query("LOCK TABLE id_key_fingerprint IN ACCESS EXCLUSIVE MODE")
-                    .execute(&mut *tx)
-                    .await?;
                 let mut after = i64::MIN;
                 loop {
                     let rows =
