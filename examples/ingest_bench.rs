@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use recd::app::App;
 use recd::config::Settings;
-use recd::store::{Store, StoreOptions};
+use recd::store::{Db, Store, StoreOptions};
 use serde_json::{json, Value};
 
 #[global_allocator]
@@ -151,7 +151,7 @@ fn pgbench_insert(url: &str, events: usize, connections: usize) -> anyhow::Resul
 
 /// A bare COPY of the same number of rows into an unindexed table.
 async fn bare_copy(store: &Store, events: usize) -> anyhow::Result<f64> {
-    let Store::Postgres(pool) = store else {
+    let Db::Postgres(pool) = store.db() else {
         anyhow::bail!("COPY needs Postgres")
     };
     sqlx::query("DROP TABLE IF EXISTS bench_bare").execute(pool).await?;
@@ -191,7 +191,7 @@ async fn main() -> anyhow::Result<()> {
 
     // A fresh database each run, so the tables start equally empty.
     let admin = Store::open(&pg, &StoreOptions::default()).await?;
-    if let Store::Postgres(pool) = &admin {
+    if let Db::Postgres(pool) = admin.db() {
         sqlx::query("TRUNCATE events").execute(pool).await?;
     }
     let run = format!("pg{}", chrono::Utc::now().timestamp_millis());
@@ -200,7 +200,7 @@ async fn main() -> anyhow::Result<()> {
     println!("recd parse + validate only:   {rate:>10.0} events/s (one core, no HTTP, no store)");
     let rate = recd_ingest(&pg, pg_bodies, connections).await?;
     println!("recd on Postgres:             {rate:>10.0} events/s");
-    if let Store::Postgres(pool) = &admin {
+    if let Db::Postgres(pool) = admin.db() {
         sqlx::query("TRUNCATE events").execute(pool).await?;
     }
     let rate = pgbench_insert(&pg, events, connections)?;

@@ -1,6 +1,6 @@
 //! Typed settings, read in layers: `config/default.toml` (compiled in, so the
 //! binary runs from any folder), an optional `--config FILE`, then `RECD_*`
-//! environment variables. Secrets (API keys, the database password) are typed
+//! environment variables. Secrets (API keys, the database password, `id_key`) are typed
 //! so that printing the settings never shows them.
 
 use std::fmt;
@@ -24,6 +24,11 @@ pub struct Settings {
     pub database_acquire_timeout: Duration,
     #[serde(deserialize_with = "api_keys")]
     pub api_keys: Vec<ApiKey>,
+    /// Store shoppers' user ids and session ids encrypted with this key
+    /// (256 bits as 64 hex digits; a secret that never prints); `None`
+    /// when empty: stored as sent.
+    #[serde(deserialize_with = "crate::store::optional_id_key")]
+    pub id_key: Option<crate::store::IdKey>,
     pub log_format: LogFormat,
     /// `None` when `0`: no automatic training at all.
     #[serde(deserialize_with = "optional_duration")]
@@ -353,6 +358,36 @@ mod tests {
     fn database_password_is_masked() {
         let url = DatabaseUrl("postgres://recd:hunter2@db:5432/recd".into());
         assert_eq!(format!("{url:?}"), "postgres://recd:***@db:5432/recd");
+    }
+
+    #[test]
+    fn id_key_is_optional_and_never_prints() {
+        let key = "a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1";
+        let settings = Settings::with_database("sqlite://x.db").unwrap();
+        assert!(settings.id_key.is_none());
+        let settings: Settings = Figment::from(Toml::string(DEFAULTS))
+            .merge(("id_key", key))
+            .extract()
+            .unwrap();
+        assert!(settings.id_key.is_some());
+        let printed = format!("{settings:?}");
+        assert!(!printed.contains(key) && !printed.contains(&key[..16]), "{printed}");
+        let bad = Figment::from(Toml::string(DEFAULTS))
+            .merge(("id_key", "abc"))
+            .extract::<Settings>();
+        assert!(bad.unwrap_err().to_string().contains("64 hex digits"));
+        // All decimal digits, parsed as the environment's values are: a key.
+        let digits = "1234567890".repeat(6) + "1234";
+        let env = Figment::from(Toml::string(DEFAULTS))
+            .merge(("id_key", digits.parse::<figment::value::Value>().unwrap()))
+            .extract::<Settings>();
+        assert!(env.unwrap().id_key.is_some());
+        // A value read as a number is refused without being shown.
+        let number = Figment::from(Toml::string(DEFAULTS))
+            .merge(("id_key", 123456.5))
+            .extract::<Settings>();
+        let error = number.unwrap_err().to_string();
+        assert!(error.contains("64 hex digits") && !error.contains("123456"), "{error}");
     }
 
     #[test]

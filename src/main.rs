@@ -1,4 +1,5 @@
-//! The `recd` command line: serve | train | eval | import | migrate.
+//! The `recd` command line: serve | train | eval | import | migrate |
+//! rotate-id-key.
 
 use std::path::PathBuf;
 
@@ -39,6 +40,20 @@ enum Command {
     Migrate,
     /// Train once on every event in the store and save the snapshot there.
     Train,
+    /// Rewrite every stored shopper id (user and session ids) from the
+    /// current `id_key` (or clear ids) to a new key (or, with --decrypt, to
+    /// clear ids), in place and in one transaction; stop every replica
+    /// first. On a store with clear ids and `id_key` set, encrypts them
+    /// with `id_key`.
+    RotateIdKey {
+        /// The new key: 64 hex digits. Prefer the environment variable, so
+        /// that it does not show in the process list.
+        #[arg(long, env = "RECD_NEW_ID_KEY", hide_env_values = true, conflicts_with = "decrypt")]
+        new_key: Option<String>,
+        /// Store the ids in clear again.
+        #[arg(long)]
+        decrypt: bool,
+    },
     /// Train on a CSV of events and print the held-out figures of the model
     /// and of the popular and item-kNN baselines.
     Eval {
@@ -101,6 +116,9 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Train => recd::server::train_once(&settings).await,
+            Command::RotateIdKey { new_key, decrypt } => {
+                recd::server::rotate_id_key(&settings, new_key.as_deref(), decrypt).await
+            }
             Command::Eval { .. } => Ok(()),
             Command::Migrate => {
                 let store = recd::server::open_store_waiting(&settings).await?;

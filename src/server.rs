@@ -20,6 +20,7 @@ pub fn store_options(settings: &Settings) -> StoreOptions {
         acquire_timeout: settings.database_acquire_timeout,
         // A write may wait its turn as long as its request may take.
         write_timeout: settings.request_timeout,
+        id_key: settings.id_key.clone(),
     }
 }
 
@@ -173,6 +174,68 @@ pub async fn train_once(settings: &Settings) -> anyhow::Result<()> {
     println!("{}", candidate.report.table());
     println!("saved snapshot {} ({bytes} bytes)", candidate.snapshot.meta.version);
     store.close().await;
+    Ok(())
+}
+
+/// `recd rotate-id-key`: rewrites the store's shopper ids from the current
+/// `id_key` (or from clear ids) to `new_key` (hex), or to clear ids with
+/// `decrypt`; with neither, a store in clear is encrypted with `id_key`.
+pub async fn rotate_id_key(settings: &Settings, new_key: Option<&str>, decrypt: bool) -> anyhow::Result<()> {
+    use crate::store::IdKey;
+    let new_key = match (new_key, decrypt) {
+        (Some(_), true) => anyhow::bail!("give either --new-key or --decrypt"),
+        (Some(hex), false) => Some(IdKey::parse(hex).map_err(|e| anyhow::anyhow!("--new-key: {e}"))?),
+        (None, true) => None,
+        // Encrypting a store in clear with the key it is to be run with.
+        (None, false) => match &settings.id_key {
+            Some(key) => Some(key.clone()),
+            None => anyhow::bail!(
+                "give the new key with --new-key (or RECD_NEW_ID_KEY), or --decrypt to store the ids in clear"
+            ),
+        },
+    };
+    let bar = if std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::new(0)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("rewriting ids [{bar:40}] {pos}/{len} events ({eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let progress = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let done = Store::rotate_id_key(
+        settings.database_url.expose(),
+        &store_options(settings),
+        new_key.as_ref(),
+        &progress,
+    )
+    .await
+    .with_context(|| format!("cannot rotate the id key of the store at {}", settings.database_url))?;
+    bar.finish_and_clear();
+    let state = |encrypted: bool| if encrypted { "encrypted" } else { "in clear" };
+    if done.changed {
+        println!(
+            "rewrote the ids of {} events and {} recent event ids: {} before, {} now; start every replica {}",
+            done.events,
+            done.recent_event_ids,
+            state(done.was_encrypted),
+            state(done.encrypted),
+            if done.encrypted {
+                "with the new id_key"
+            } else {
+                "without id_key"
+            }
+        );
+    } else {
+        println!(
+            "nothing to do: the store's shopper ids are {} already",
+            state(done.encrypted)
+        );
+    }
     Ok(())
 }
 

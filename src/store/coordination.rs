@@ -11,7 +11,7 @@
 
 use sqlx::{Connection, PgConnection, PgPool};
 
-use super::{Result, Store};
+use super::{Db, Result, Store};
 
 /// Advisory lock keys: the scheduling replica, and a training in progress.
 const LEADER_KEY: i64 = 0x7265_6364_0001;
@@ -31,9 +31,9 @@ pub struct Locks {
 impl Locks {
     pub fn new(store: &Store) -> Self {
         Locks {
-            pool: match store {
-                Store::Postgres(pool) => Some(pool.clone()),
-                Store::Sqlite(_) => None,
+            pool: match &store.db {
+                Db::Postgres(pool) => Some(pool.clone()),
+                Db::Sqlite(_) => None,
             },
             session: tokio::sync::Mutex::new(None),
         }
@@ -110,7 +110,7 @@ pub enum Notice {
 }
 
 /// A subscription to other replicas' announcements (Postgres only).
-pub struct Notices(sqlx::postgres::PgListener);
+pub struct Notices(sqlx::postgres::PgListener, super::Ids);
 
 impl Notices {
     /// The next announcement. An error means the subscription is lost:
@@ -118,7 +118,8 @@ impl Notices {
     pub async fn recv(&mut self) -> Result<Notice> {
         let note = self.0.recv().await?;
         Ok(if note.channel() == ERASURE_CHANNEL {
-            Notice::Erasure(note.payload().to_owned())
+            // The id as stored (encrypted with `id_key` if set).
+            Notice::Erasure(self.1.open(super::IdKind::User, note.payload().to_owned())?)
         } else {
             Notice::Snapshot
         })
@@ -129,17 +130,17 @@ impl Store {
     /// Subscribes to announcements; `None` on SQLite, where no other
     /// process announces anything.
     pub async fn subscribe(&self) -> Result<Option<Notices>> {
-        let Store::Postgres(pool) = self else {
+        let Db::Postgres(pool) = &self.db else {
             return Ok(None);
         };
         let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
         listener.listen_all([SNAPSHOT_CHANNEL, ERASURE_CHANNEL]).await?;
-        Ok(Some(Notices(listener)))
+        Ok(Some(Notices(listener, self.ids.clone())))
     }
 
     /// Whether one process serves this store (SQLite): then a training
     /// marked running at start died with an earlier process.
     pub fn one_process(&self) -> bool {
-        matches!(self, Store::Sqlite(_))
+        matches!(self.db, Db::Sqlite(_))
     }
 }

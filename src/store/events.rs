@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use sqlx::{PgPool, Postgres, Transaction};
 
-use super::{Result, Store};
+use super::{Db, IdKind, Result, Store};
 use crate::domain::NewEvent;
 
 /// How long the id of an event sent without a timestamp is remembered.
@@ -106,8 +106,22 @@ impl Store {
     /// Stores events (and the items they name that `item_ids` lists) in
     /// one transaction; returns how many were new.
     pub(super) async fn write_events(&self, events: &[NewEvent], item_ids: &[&str], now_ms: i64) -> Result<u64> {
-        match self {
-            Store::Postgres(pool) => {
+        let sealed: Vec<NewEvent>;
+        let events = if self.ids.encrypted() {
+            sealed = events
+                .iter()
+                .map(|e| NewEvent {
+                    user_id: self.ids.seal(IdKind::User, &e.user_id),
+                    session_id: self.ids.seal_opt(IdKind::Session, e.session_id.as_deref()),
+                    ..e.clone()
+                })
+                .collect();
+            &sealed[..]
+        } else {
+            events
+        };
+        match &self.db {
+            Db::Postgres(pool) => {
                 let batch = without_repeats(events);
                 ensure_partitions(pool, &batch, false).await?;
                 match write_postgres(pool, &batch, item_ids, now_ms).await {
@@ -120,7 +134,7 @@ impl Store {
                     result => Ok(result?),
                 }
             }
-            Store::Sqlite(sqlite) => {
+            Db::Sqlite(sqlite) => {
                 let mut tx = sqlite.write.begin().await?;
                 // One multi-row statement per chunk: SQLite allows 32766
                 // parameters, 9 a row.
@@ -163,8 +177,8 @@ impl Store {
     /// forgets the ids of events sent without a timestamp once 24 hours old.
     pub async fn retire_events(&self, before_ms: Option<i64>, now_ms: i64) -> Result<Retention> {
         let mut retired = Retention::default();
-        match self {
-            Store::Postgres(pool) => {
+        match &self.db {
+            Db::Postgres(pool) => {
                 retired.rows = sqlx::query("DELETE FROM recent_event_ids WHERE received_at < $1")
                     .bind(now_ms - RECENT_IDS_MS)
                     .execute(pool)
@@ -183,7 +197,7 @@ impl Store {
                     }
                 }
             }
-            Store::Sqlite(sqlite) => {
+            Db::Sqlite(sqlite) => {
                 let pool = &sqlite.write;
                 let Some(before) = before_ms else {
                     return Ok(retired);
@@ -211,9 +225,9 @@ impl Store {
     /// The events table's partitions (PostgreSQL), each with the end of its
     /// range; empty on SQLite.
     pub async fn event_partitions(&self) -> Result<Vec<(String, i64)>> {
-        match self {
-            Store::Postgres(pool) => partitions(pool).await,
-            Store::Sqlite(_) => Ok(Vec::new()),
+        match &self.db {
+            Db::Postgres(pool) => partitions(pool).await,
+            Db::Sqlite(_) => Ok(Vec::new()),
         }
     }
 }

@@ -13,6 +13,9 @@ use sqlx::{ConnectOptions, Connection, PgPool, Row, SqlitePool};
 
 use crate::domain::{Item, NewEvent};
 
+/// How recd's sessions are named on PostgreSQL (`pg_stat_activity`).
+pub const APPLICATION_NAME: &str = "recd";
+
 static PG_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
@@ -21,9 +24,9 @@ static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations
 /// in it must suit both.
 macro_rules! on_pool {
     ($store:expr, $pool:ident => $body:expr) => {
-        match $store {
-            Store::Postgres($pool) => $body,
-            Store::Sqlite(sqlite) => {
+        match &$store.db {
+            Db::Postgres($pool) => $body,
+            Db::Sqlite(sqlite) => {
                 let $pool = &sqlite.read;
                 $body
             }
@@ -35,9 +38,9 @@ macro_rules! on_pool {
 /// one writer connection.
 macro_rules! on_writer {
     ($store:expr, $pool:ident => $body:expr) => {
-        match $store {
-            Store::Postgres($pool) => $body,
-            Store::Sqlite(sqlite) => {
+        match &$store.db {
+            Db::Postgres($pool) => $body,
+            Db::Sqlite(sqlite) => {
                 let $pool = &sqlite.write;
                 $body
             }
@@ -47,11 +50,15 @@ macro_rules! on_writer {
 
 mod coordination;
 mod events;
+mod ids;
+mod keying;
 mod profile;
 mod serving;
 pub use coordination::{Locks, Notice, Notices};
 use coordination::{ERASURE_CHANNEL, SNAPSHOT_CHANNEL};
 pub use events::Retention;
+pub use ids::{optional_id_key, IdKey, IdKind, Ids, Undecryptable};
+pub use keying::Rotation;
 pub use serving::ITEM_SEPARATOR;
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +73,30 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("invalid database URL {0:?}: expected sqlite://PATH or postgres://...")]
     BadUrl(String),
+    /// The store's shoppers' ids are encrypted with another key than
+    /// `id_key`.
+    #[error(
+        "the store's shopper ids are encrypted with another id_key (its fingerprint starts {stored}, this key's \
+         {mine}): start with that key, or change the store's key with `recd rotate-id-key` (see docs/operations.md)"
+    )]
+    IdKeyMismatch { stored: String, mine: String },
+    /// The store's shoppers' ids are encrypted and no `id_key` is set.
+    #[error(
+        "the store's shopper ids are encrypted (id_key fingerprint {stored}) but id_key (RECD_ID_KEY) is not set: \
+         set it to that key, or decrypt them with `recd rotate-id-key --decrypt` (see docs/operations.md)"
+    )]
+    IdKeyMissing { stored: String },
+    /// `id_key` is set but the store holds ids in clear.
+    #[error(
+        "id_key is set but the store holds shopper ids in clear: encrypt them first with `recd rotate-id-key` \
+         (with the same settings), or start without id_key (see docs/operations.md)"
+    )]
+    ClearIds,
+    #[error(transparent)]
+    Undecryptable(#[from] Undecryptable),
+    /// Other recd processes are connected to the database.
+    #[error("{0} other recd session(s) are connected to the database: stop every replica first")]
+    ReplicasRunning(i64),
 }
 
 impl From<sqlx::Error> for StoreError {
@@ -146,8 +177,16 @@ pub struct PoolStats {
     pub max: u32,
 }
 
+/// The store: a database and how shoppers' ids are kept in it (as they
+/// are, or encrypted with `id_key`).
 #[derive(Clone, Debug)]
-pub enum Store {
+pub struct Store {
+    db: Db,
+    ids: Ids,
+}
+
+#[derive(Clone, Debug)]
+pub enum Db {
     Postgres(PgPool),
     Sqlite(Sqlite),
 }
@@ -170,6 +209,8 @@ pub struct StoreOptions {
     /// SQLite: how long a write may wait for its turn on the writer
     /// connection.
     pub write_timeout: Duration,
+    /// Store shoppers' ids encrypted with this key (see `ids`).
+    pub id_key: Option<IdKey>,
 }
 
 impl Default for StoreOptions {
@@ -178,37 +219,71 @@ impl Default for StoreOptions {
             max_connections: 16,
             acquire_timeout: Duration::from_millis(1500),
             write_timeout: Duration::from_secs(10),
+            id_key: None,
         }
     }
 }
 
 impl Store {
     /// Opens the store named by `url`, creating it (an SQLite file and its
-    /// folder, or a Postgres database) when missing, and migrates it.
+    /// folder, or a Postgres database) when missing, and migrates it. Fails
+    /// when the store's ids are not kept the way `options.id_key` says
+    /// (see `check_id_key`).
     pub async fn open(url: &str, options: &StoreOptions) -> Result<Store> {
-        let store = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Store::Postgres(open_postgres(url, options).await?)
+        let store = Store::open_migrated(url, options).await?;
+        if let Err(e) = store.check_id_key().await {
+            store.close().await;
+            return Err(e);
+        }
+        if let Some(fingerprint) = store.ids.fingerprint() {
+            tracing::info!(
+                id_key_fingerprint = &fingerprint[..16],
+                "shoppers' ids are stored encrypted (id_key)"
+            );
+        }
+        Ok(store)
+    }
+
+    /// Opens and migrates the store, whatever its ids.
+    async fn open_migrated(url: &str, options: &StoreOptions) -> Result<Store> {
+        let db = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Db::Postgres(open_postgres(url, options).await?)
         } else if url.starts_with("sqlite:") {
-            Store::Sqlite(open_sqlite(url, options).await?)
+            Db::Sqlite(open_sqlite(url, options).await?)
         } else {
             return Err(StoreError::BadUrl(url.to_owned()));
+        };
+        let store = Store {
+            db,
+            ids: Ids::new(options.id_key.as_ref()),
         };
         store.migrate().await?;
         Ok(store)
     }
 
+    /// The database under the store (for tests and tools that read it
+    /// directly).
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// How the store keeps shoppers' ids.
+    pub fn ids(&self) -> &Ids {
+        &self.ids
+    }
+
     pub async fn migrate(&self) -> Result<()> {
-        match self {
-            Store::Postgres(pool) => PG_MIGRATIONS.run(pool).await?,
-            Store::Sqlite(sqlite) => SQLITE_MIGRATIONS.run(&sqlite.write).await?,
+        match &self.db {
+            Db::Postgres(pool) => PG_MIGRATIONS.run(pool).await?,
+            Db::Sqlite(sqlite) => SQLITE_MIGRATIONS.run(&sqlite.write).await?,
         }
         Ok(())
     }
 
     pub fn kind(&self) -> &'static str {
-        match self {
-            Store::Postgres(_) => "postgres",
-            Store::Sqlite(_) => "sqlite",
+        match &self.db {
+            Db::Postgres(_) => "postgres",
+            Db::Sqlite(_) => "sqlite",
         }
     }
 
@@ -227,7 +302,7 @@ impl Store {
     }
 
     pub async fn close(&self) {
-        if let Store::Sqlite(sqlite) = self {
+        if let Db::Sqlite(sqlite) = &self.db {
             sqlite.write.close().await;
         }
         on_pool!(self, pool => pool.close().await)
@@ -320,8 +395,9 @@ impl Store {
 
     /// Erases every event of the user; returns how many there were.
     pub async fn delete_user(&self, user_id: &str) -> Result<u64> {
-        let n = match self {
-            Store::Postgres(pool) => {
+        let user_id = &self.ids.seal(IdKind::User, user_id);
+        let n = match &self.db {
+            Db::Postgres(pool) => {
                 // Other replicas drop what they cache of the user.
                 let mut tx = pool.begin().await?;
                 let n = sqlx::query("DELETE FROM events WHERE user_id = $1")
@@ -342,7 +418,7 @@ impl Store {
                 tx.commit().await?;
                 n
             }
-            Store::Sqlite(sqlite) => sqlx::query("DELETE FROM events WHERE user_id = $1")
+            Db::Sqlite(sqlite) => sqlx::query("DELETE FROM events WHERE user_id = $1")
                 .bind(user_id)
                 .execute(&sqlite.write)
                 .await?
@@ -389,7 +465,7 @@ impl Store {
                 .await?;
             tx.commit().await?;
         });
-        if let Store::Postgres(pool) = self {
+        if let Db::Postgres(pool) = &self.db {
             // Replicas listening load it at once; the others poll.
             sqlx::query("SELECT pg_notify($1, $2)")
                 .bind(SNAPSHOT_CHANNEL)
@@ -427,7 +503,9 @@ impl Store {
 }
 
 async fn open_postgres(url: &str, options: &StoreOptions) -> Result<PgPool> {
-    let connect = PgConnectOptions::from_str(url)?.log_statements(tracing::log::LevelFilter::Debug);
+    let connect = PgConnectOptions::from_str(url)?
+        .application_name(APPLICATION_NAME)
+        .log_statements(tracing::log::LevelFilter::Debug);
     create_postgres_database(&connect).await?;
     let pool = PgPoolOptions::new()
         .max_connections(options.max_connections)

@@ -1,7 +1,7 @@
 //! What profiles read besides a user's events: the categories of the items
 //! they touched, and the shop-wide figures each profile is scored against.
 
-use super::{Result, Store};
+use super::{Db, Result, Store};
 use crate::domain::{EventType, RfmCuts, ShopStats};
 
 /// Every user's sessions, gaps and RFM measures, reduced to the quintile

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use sqlx::Row;
 
-use super::{Result, Store};
+use super::{Db, IdKind, Result, Store};
 use crate::domain::{EventRow, Impression, ItemFlags, OnlineStats, TrainingOutcome, TrainingRun, UserEvent};
 
 /// The unit separator: it ends each item id in `impressions.items`. Ids are
@@ -21,22 +21,23 @@ impl Store {
              WHERE user_id = $1 ORDER BY ts DESC, seq DESC LIMIT $2";
         let rows = on_pool!(self, pool => {
             sqlx::query_as::<_, (String, i16, Option<f64>, i64, Option<String>, i64)>(SELECT)
-                .bind(user_id)
+                .bind(self.ids.seal(IdKind::User, user_id))
                 .bind(limit)
                 .fetch_all(pool)
                 .await?
         });
-        Ok(rows
-            .into_iter()
-            .map(|(item_id, kind, value, ts, session_id, seq)| UserEvent {
-                item_id,
-                kind,
-                value,
-                ts,
-                session_id,
-                seq,
+        rows.into_iter()
+            .map(|(item_id, kind, value, ts, session_id, seq)| {
+                Ok(UserEvent {
+                    item_id,
+                    kind,
+                    value,
+                    ts,
+                    session_id: self.ids.open_opt(IdKind::Session, session_id)?,
+                    seq,
+                })
             })
-            .collect())
+            .collect()
     }
 
     /// Up to `limit` users with events from `since_ms` on, the most recently
@@ -50,7 +51,15 @@ impl Store {
             .bind(since_ms)
             .fetch_all(pool)
             .await?);
-        Ok(users)
+        self.open_users(users)
+    }
+
+    /// The shop's ids of stored user ids.
+    fn open_users(&self, stored: Vec<String>) -> Result<Vec<String>> {
+        Ok(stored
+            .into_iter()
+            .map(|u| self.ids.open(IdKind::User, u))
+            .collect::<Result<_, _>>()?)
     }
 
     /// Items written at or after `since_ms` (catalogue writes and items first
@@ -130,7 +139,10 @@ impl Store {
             .fetch_all(pool)
             .await?);
         let newest = rows.iter().map(|(_, s)| *s).max().unwrap_or(seq);
-        Ok((rows.into_iter().map(|(user, _)| user).collect(), newest))
+        Ok((
+            self.open_users(rows.into_iter().map(|(user, _)| user).collect())?,
+            newest,
+        ))
     }
 
     /// How many events arrived after arrival number `seq`.
@@ -151,7 +163,9 @@ impl Store {
 
     /// The events of a training window in time order (ties in arrival
     /// order): arrivals up to `max_seq` with a timestamp from `since_ms`. A
-    /// stream, so the reader holds one row at a time.
+    /// stream, so the reader holds one row at a time. User ids come as
+    /// stored (encrypted with `id_key` if set): training only groups by
+    /// them, and nothing it makes holds them.
     pub fn training_window(&self, max_seq: i64, since_ms: i64) -> BoxStream<'_, Result<EventRow>> {
         const SELECT: &str =
             "SELECT user_id, item_id, kind, ts FROM events WHERE seq <= $1 AND ts >= $2 ORDER BY ts, seq";
@@ -343,13 +357,13 @@ impl Store {
     pub async fn online_stats(&self) -> Result<Vec<OnlineStats>> {
         const IMPRESSIONS: &str = "SELECT model_version, COUNT(*), MIN(created_at) FROM impressions
              GROUP BY model_version ORDER BY MIN(created_at)";
-        let clicks_sql = match self {
-            Store::Postgres(_) => {
+        let clicks_sql = match &self.db {
+            Db::Postgres(_) => {
                 "SELECT i.model_version, COUNT(*) FROM events e JOIN impressions i ON i.recommendation_id = e.recommendation_id
                  WHERE e.recommendation_id IS NOT NULL AND strpos(chr(31) || i.items, chr(31) || e.item_id || chr(31)) > 0
                  GROUP BY i.model_version"
             }
-            Store::Sqlite(_) => {
+            Db::Sqlite(_) => {
                 "SELECT i.model_version, COUNT(*) FROM events e JOIN impressions i ON i.recommendation_id = e.recommendation_id
                  WHERE e.recommendation_id IS NOT NULL AND instr(char(31) || i.items, char(31) || e.item_id || char(31)) > 0
                  GROUP BY i.model_version"

@@ -3,6 +3,7 @@
 mod helpers;
 
 mod auth;
+mod deidentify;
 mod events;
 mod items;
 mod limits;

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use recd::store::{Store, StoreOptions};
+use recd::store::{Db as StoreDb, Store, StoreOptions};
 use serde_json::{json, Value};
 
 use crate::helpers::{free_port, fresh_database, Db};
@@ -101,9 +101,9 @@ async fn ingest_until_gone(base: String, writers: usize) -> (Vec<String>, Vec<Ve
 
 async fn stored_ids(database_url: &str) -> Vec<String> {
     let store = Store::open(database_url, &StoreOptions::default()).await.unwrap();
-    let ids = match &store {
-        Store::Postgres(pool) => sqlx::query_scalar("SELECT event_id FROM events").fetch_all(pool).await,
-        Store::Sqlite(sqlite) => {
+    let ids = match store.db() {
+        StoreDb::Postgres(pool) => sqlx::query_scalar("SELECT event_id FROM events").fetch_all(pool).await,
+        StoreDb::Sqlite(sqlite) => {
             sqlx::query_scalar("SELECT event_id FROM events")
                 .fetch_all(&sqlite.read)
                 .await
