@@ -211,3 +211,28 @@ pub struct RfmCuts {
     /// Purchase spend per user.
     pub spend: [f64; 4],
 }
+
+/// Sums of ratings, from which means are made (see `crate::ratings`): all
+/// of them, those of the last 30 days and those of the 30 days before.
+/// Each user's newest rating of an item counts, once.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RatingTotals {
+    pub count: i64,
+    pub sum: f64,
+    pub last_count: i64,
+    pub last_sum: f64,
+    pub previous_count: i64,
+    pub previous_sum: f64,
+}
+
+impl RatingTotals {
+    /// Adds another item's totals (a category's are its items' summed).
+    pub fn add(&mut self, other: &RatingTotals) {
+        self.count += other.count;
+        self.sum += other.sum;
+        self.last_count += other.last_count;
+        self.last_sum += other.last_sum;
+        self.previous_count += other.previous_count;
+        self.previous_sum += other.previous_sum;
+    }
+}

@@ -48,6 +48,7 @@ macro_rules! on_writer {
 mod coordination;
 mod events;
 mod profile;
+mod ratings;
 mod serving;
 pub use coordination::{Locks, Notice, Notices};
 use coordination::{ERASURE_CHANNEL, SNAPSHOT_CHANNEL};
