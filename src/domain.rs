@@ -189,7 +189,7 @@ impl TrainingOutcome {
 }
 
 /// What the shop's users look like as a whole; each profile is scored
-/// against it. Holds quantiles and a median, no single user's data.
+/// against it. Holds quantiles, a median and a mean, no single user's data.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ShopStats {
     /// The RFM quintile cuts; `None` when the store has no events.
@@ -197,6 +197,9 @@ pub struct ShopStats {
     /// The median of the usual gaps (ms) of users with two sessions or more;
     /// `None` when nobody has come back yet.
     pub usual_gap_ms: Option<f64>,
+    /// The mean of the shop's ratings (each user's newest of each item);
+    /// `None` when there are none.
+    pub rating_mean: Option<f64>,
 }
 
 /// The four cuts between the fifths of the shop's users, for each RFM

@@ -184,7 +184,40 @@ async fn stats_of_unknown_deleted_and_invalid_items(app: TestApp) {
     assert_eq!(body["errors"][0]["field"], "item_id");
 }
 
+/// The profile's ratings: the shopper's mean (newest rating of each item)
+/// against the shop's (by the same rule, over `stats_window`).
+async fn profile_ratings_against_the_shop(app: TestApp) {
+    let t = parse_timestamp("2025-03-02T12:00:00Z").unwrap();
+    post_events(
+        &app,
+        vec![
+            rating("ann", "a", 1.0, t - 3 * DAY),
+            rating("ann", "a", 5.0, t - 2 * DAY),
+            rating("ann", "b", 4.0, t - DAY),
+            rating("bob", "a", 2.0, t - DAY),
+            rating("bob", "c", 3.0, t),
+            json!({"user_id": "zed", "item_id": "a", "type": "view", "timestamp": format_timestamp(t)}),
+        ],
+    )
+    .await;
+    app.refresh_figures().await;
+    // The shop: ann 5 and 4, bob 2 and 3 (ann's 1 replaced): 14 / 4 = 3.5.
+    let ann: Value = app.get("/v1/users/ann/profile").await.json().await.unwrap();
+    assert_eq!(ann["ratings"], json!({"count": 2, "mean": 4.5, "shop_mean": 3.5}));
+    let zed: Value = app.get("/v1/users/zed/profile").await.json().await.unwrap();
+    assert_eq!(zed["ratings"], json!({"count": 0, "mean": null, "shop_mean": 3.5}));
+    // bob rates once more: 14 - 3 + 1 = 12 over 4 = 3 for the shop once
+    // refreshed; bob's own mean at once.
+    post_events(&app, vec![rating("bob", "c", 1.0, t)]).await;
+    let bob: Value = app.get("/v1/users/bob/profile").await.json().await.unwrap();
+    assert_eq!(bob["ratings"]["mean"], 1.5);
+    app.refresh_figures().await;
+    let bob: Value = app.get("/v1/users/bob/profile").await.json().await.unwrap();
+    assert_eq!(bob["ratings"], json!({"count": 2, "mean": 1.5, "shop_mean": 3.0}));
+}
+
 crate::both_stores!(
     item_and_category_summaries_by_hand,
     stats_of_unknown_deleted_and_invalid_items,
+    profile_ratings_against_the_shop,
 );
