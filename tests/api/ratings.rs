@@ -102,6 +102,15 @@ async fn item_and_category_summaries_by_hand(app: TestApp) {
     .await;
     app.refresh_figures().await;
 
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    for metric in [
+        "recd_rating_stats_refresh_seconds",
+        "recd_rating_stats_computed_at_seconds",
+        "recd_rating_stats_categories",
+    ] {
+        assert!(metrics.contains(metric), "{metric} is not in /metrics");
+    }
+
     let shoe = stats_of(&app, "shoe-1").await;
     assert_eq!(shoe["item_id"], "shoe-1");
     assert_eq!(shoe["as_of"], "2025-03-02T12:00:00.000Z");
