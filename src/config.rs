@@ -96,6 +96,11 @@ pub struct Settings {
     /// new events arrived.
     #[serde(deserialize_with = "duration")]
     pub stats_refresh: Duration,
+    /// Every category's rating figures are recomputed in the background
+    /// this often when new events arrived (or the catalogue's categories
+    /// changed, or a user was erased).
+    #[serde(deserialize_with = "duration")]
+    pub rating_stats_refresh: Duration,
     /// A scheduled training continues from the served model's weights
     /// unless the training from scratch it descends from is this old (then
     /// it starts from scratch).

@@ -189,7 +189,7 @@ impl TrainingOutcome {
 }
 
 /// What the shop's users look like as a whole; each profile is scored
-/// against it. Holds quantiles and a median, no single user's data.
+/// against it. Holds quantiles, a median and a mean, no single user's data.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ShopStats {
     /// The RFM quintile cuts; `None` when the store has no events.
@@ -197,6 +197,9 @@ pub struct ShopStats {
     /// The median of the usual gaps (ms) of users with two sessions or more;
     /// `None` when nobody has come back yet.
     pub usual_gap_ms: Option<f64>,
+    /// The mean of the shop's ratings (each user's newest of each item);
+    /// `None` when there are none.
+    pub rating_mean: Option<f64>,
 }
 
 /// The four cuts between the fifths of the shop's users, for each RFM
@@ -210,4 +213,29 @@ pub struct RfmCuts {
     pub sessions: [i64; 4],
     /// Purchase spend per user.
     pub spend: [f64; 4],
+}
+
+/// Sums of ratings, from which means are made (see `crate::ratings`): all
+/// of them, those of the last 30 days and those of the 30 days before.
+/// Each user's newest rating of an item counts, once.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RatingTotals {
+    pub count: i64,
+    pub sum: f64,
+    pub last_count: i64,
+    pub last_sum: f64,
+    pub previous_count: i64,
+    pub previous_sum: f64,
+}
+
+impl RatingTotals {
+    /// Adds another item's totals (a category's are its items' summed).
+    pub fn add(&mut self, other: &RatingTotals) {
+        self.count += other.count;
+        self.sum += other.sum;
+        self.last_count += other.last_count;
+        self.last_sum += other.last_sum;
+        self.previous_count += other.previous_count;
+        self.previous_sum += other.previous_sum;
+    }
 }

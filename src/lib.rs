@@ -15,6 +15,9 @@
 //!   and the snapshot served in plain Rust. It takes the events it is given.
 //! - [`profile`]: a shopper's profile: counts, sessions, favourite
 //!   categories, RFM scores, churn risk, segment. Pure computation.
+//! - [`ratings`]: shopper satisfaction: rating summaries per item, per
+//!   category and per shopper (means, counts, a 30-day trend). Pure
+//!   computation over sums the store makes.
 //! - [`recommend`]: ranking at request time from the user's newest events:
 //!   the state cache, the index, filters, cold start, similar and popular.
 //! - [`trainer`]: the retrainer: scheduling and leadership, the training
@@ -39,6 +42,7 @@ pub mod import;
 pub mod ingest;
 pub mod model;
 pub mod profile;
+pub mod ratings;
 pub mod recommend;
 pub mod server;
 pub mod store;

@@ -5,6 +5,7 @@
 //! them on shutdown (`stop`). The HTTP layer reaches it through axum state
 //! and holds no lifecycle of its own.
 
+mod rating_stats;
 mod shop_stats;
 mod tasks;
 
@@ -21,6 +22,8 @@ use crate::model::ModelSnapshot;
 use crate::recommend::Serving;
 use crate::store::{KnownItems, Locks, Store};
 use crate::trainer::Trainer;
+pub use rating_stats::CategoryRatings;
+use rating_stats::RatingStatsCache;
 use shop_stats::ShopStatsCache;
 
 /// A cheap handle: clones share one allocation.
@@ -38,6 +41,8 @@ pub struct Inner {
     /// The shop-wide figures profiles are scored against, made in the
     /// background.
     shop_stats: ShopStatsCache,
+    /// Every category's rating figures, made in the background.
+    rating_stats: RatingStatsCache,
     /// The newest event's time in the store (ms; `i64::MIN` for none) and
     /// the arrival number it was read at, kept by the popular lists' task.
     newest_event: std::sync::atomic::AtomicI64,
@@ -70,6 +75,7 @@ impl App {
             trainer: Trainer::new(Locks::new(&store)),
             known_items: KnownItems::default(),
             shop_stats: ShopStatsCache::default(),
+            rating_stats: RatingStatsCache::default(),
             newest_event: std::sync::atomic::AtomicI64::new(i64::MIN),
             newest_event_seq: std::sync::atomic::AtomicI64::new(i64::MIN),
             tasks: Mutex::new(None),
@@ -249,6 +255,19 @@ impl App {
         self.shop_stats.refresh(&self.store, self.stats_since(), force).await
     }
 
+    /// Every category's rating figures as last computed in the background
+    /// (`None` before the first computation): never waits for a scan.
+    pub fn category_ratings(&self) -> Option<Arc<CategoryRatings>> {
+        self.rating_stats.get()
+    }
+
+    /// One step of the category ratings' background task: recomputes them
+    /// when events arrived, the catalogue's categories changed or a user
+    /// was erased since they were (or always, with `force`); whether it did.
+    pub async fn refresh_rating_stats(&self, force: bool) -> anyhow::Result<bool> {
+        self.rating_stats.refresh(&self.store, &self.serving, force).await
+    }
+
     /// One step of the popular lists' background task: recomputes the
     /// lists that count fewer events than the store holds.
     pub async fn refresh_popular(&self) -> anyhow::Result<()> {
@@ -294,10 +313,12 @@ impl App {
     }
 
     /// Brings every figure made in the background up to the store's events
-    /// now (what the background tasks do within `stats_refresh` and
-    /// `popular_refresh`): for tests, and for a caller that just imported.
+    /// now (what the background tasks do within `stats_refresh`,
+    /// `rating_stats_refresh` and `popular_refresh`): for tests, and for a
+    /// caller that just imported.
     pub async fn refresh_figures(&self) -> anyhow::Result<()> {
         self.refresh_shop_stats(false).await?;
+        self.refresh_rating_stats(false).await?;
         self.refresh_popular().await
     }
 
@@ -316,6 +337,7 @@ impl App {
         metrics::counter!("recd_retention_rows_deleted_total").increment(retired.rows);
         metrics::gauge!("recd_event_partitions").set(self.store.event_partitions().await?.len() as f64);
         if retired.partitions > 0 || retired.rows > 0 {
+            self.rating_stats.mark_stale();
             tracing::info!(
                 partitions = retired.partitions,
                 rows = retired.rows,

@@ -24,6 +24,7 @@ pub(super) fn spawn_all(app: &App) -> Vec<JoinHandle<()>> {
         tokio::spawn(flush_impressions(app.clone())),
         tokio::spawn(follow_events(app.clone())),
         tokio::spawn(refresh_shop_stats(app.clone())),
+        tokio::spawn(refresh_rating_stats(app.clone())),
         tokio::spawn(refresh_popular(app.clone())),
         tokio::spawn(retire_events(app.clone())),
     ];
@@ -71,6 +72,18 @@ async fn refresh_shop_stats(app: App) {
             tracing::warn!(error = %e, "cannot refresh the shop statistics");
         }
         tokio::time::sleep(app.settings.stats_refresh).await;
+    }
+}
+
+/// The category ratings, at once and then every `rating_stats_refresh`
+/// when their inputs changed.
+async fn refresh_rating_stats(app: App) {
+    loop {
+        if let Err(e) = app.refresh_rating_stats(false).await {
+            metrics::counter!("recd_background_failures_total", "task" => "rating_stats").increment(1);
+            tracing::warn!(error = %e, "cannot refresh the category ratings");
+        }
+        tokio::time::sleep(app.settings.rating_stats_refresh).await;
     }
 }
 

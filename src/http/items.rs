@@ -15,14 +15,16 @@ use super::error::{ApiError, Invalid, Problem};
 use super::events::{read_body, MAX_BATCH};
 use super::openapi::Id;
 use super::{parse_json, ApiResult, AppState};
-use crate::clock::now_ms;
-use crate::domain::Item;
+use crate::clock::{format_timestamp, now_ms};
+use crate::domain::{Item, RatingTotals};
 use crate::ingest::{check_id, FieldError};
+use crate::ratings::{summarise, window_starts, RatingSummary};
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(put_many))
         .routes(routes!(get_one, put_one, delete_one))
+        .routes(routes!(stats))
 }
 
 /// The fields of an item as sent, with the `item_id` field given: absent
@@ -320,4 +322,101 @@ async fn delete_one(State(state): State<AppState>, Path(item_id): Path<String>) 
     } else {
         Err(ApiError::NotFound(format!("no item {item_id:?}")))
     }
+}
+
+/// Shopper satisfaction with an item and with its categories.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"item_id": "shoe-1", "as_of": "2025-03-02T12:00:00.000Z",
+    "ratings": {"count": 3, "mean": 3.6667, "last_30_days": {"count": 2, "mean": 4.5},
+                "previous_30_days": {"count": 1, "mean": 2.0}, "trend": 2.5},
+    "categories_as_of": "2025-03-02T12:00:00.000Z",
+    "categories": [{"category": "shoes", "ratings": {"count": 4, "mean": 3.5,
+        "last_30_days": {"count": 2, "mean": 4.5}, "previous_30_days": {"count": 1, "mean": 2.0}, "trend": 2.5}}]}))]
+pub(super) struct ItemStats {
+    item_id: String,
+    /// The newest event in the store, which the item's windows are measured
+    /// back from; `null` when the store holds no event.
+    as_of: Option<String>,
+    /// The item's ratings.
+    ratings: RatingSummary,
+    /// The newest event in the store when the category figures were last
+    /// computed in the background (their windows are measured back from
+    /// it); `null` before the first computation, when every category shows
+    /// no ratings.
+    categories_as_of: Option<String>,
+    /// One entry per category of the item, in the item's order.
+    categories: Vec<CategoryStats>,
+}
+
+/// The ratings of every item in one category.
+#[derive(Serialize, ToSchema)]
+pub(super) struct CategoryStats {
+    #[schema(value_type = Id)]
+    category: String,
+    ratings: RatingSummary,
+}
+
+/// Ratings of an item and of its categories: count, mean and the trend
+/// over 30 days.
+///
+/// A user's repeated ratings of an item count once, with the newest.
+/// Windows are measured back from the newest event in the store, not the
+/// clock. The item's figures are read at once; the categories' are computed
+/// in the background every `rating_stats_refresh` (60 s). How each number
+/// is computed is in docs/api.md.
+#[utoipa::path(
+    get,
+    path = "/v1/items/{item_id}/stats",
+    tag = "catalogue",
+    params(("item_id" = Id, Path, description = "The item")),
+    responses(
+        (status = 200, description = "The item's and its categories' rating figures", body = ItemStats),
+        (status = 404, description = "`not-found`: the item was never seen, or is deleted",
+            body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "`invalid-fields`: `item_id` is not a valid id",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn stats(State(state): State<AppState>, Path(item_id): Path<String>) -> ApiResult<Json<ItemStats>> {
+    check_id("item_id", &item_id).map_err(|e| ApiError::invalid(vec![e.into()]))?;
+    let store = &state.store;
+    let Some(item) = store.get_item(&item_id).await? else {
+        return Err(ApiError::NotFound(format!("no item {item_id:?}")));
+    };
+    // As the profile measures time: the newest event as the app keeps it,
+    // the store asked only before the first background read.
+    let as_of = match state.app.newest_event_ms() {
+        Some(newest) => Some(newest),
+        None => store.newest_event_ms().await?,
+    };
+    let totals = match as_of {
+        Some(as_of) => {
+            let (last_from, previous_from) = window_starts(as_of);
+            store.item_ratings(&item_id, last_from, previous_from).await?
+        }
+        None => RatingTotals::default(),
+    };
+    let computed = state.app.category_ratings();
+    let mut categories: Vec<CategoryStats> = Vec::with_capacity(item.categories.len());
+    for category in item.categories {
+        if categories.iter().any(|c| c.category == category) {
+            continue;
+        }
+        let totals = computed
+            .as_deref()
+            .and_then(|c| c.by_category.get(&category))
+            .copied()
+            .unwrap_or_default();
+        categories.push(CategoryStats {
+            category,
+            ratings: summarise(&totals),
+        });
+    }
+    Ok(Json(ItemStats {
+        item_id,
+        as_of: as_of.map(format_timestamp),
+        ratings: summarise(&totals),
+        categories_as_of: computed.and_then(|c| c.as_of_ms).map(format_timestamp),
+        categories,
+    }))
 }

@@ -1,6 +1,6 @@
 //! A shopper's profile, computed from their events: counts by type, sessions,
-//! favourite categories, recent items, purchases, RFM scores, churn risk and
-//! a segment.
+//! favourite categories, recent items, purchases, ratings against the
+//! shop's, RFM scores, churn risk and a segment.
 //!
 //! Everything here is a pure function over a slice of events, so each number
 //! can be checked by hand. The store supplies the events, the categories of
@@ -23,6 +23,7 @@ use utoipa::{PartialSchema, ToSchema};
 
 use crate::clock::format_timestamp;
 use crate::domain::{EventType, RfmCuts, ShopStats, UserEvent};
+use crate::ratings::{user_ratings, UserRatings};
 
 /// Events without a `session_id` more than this far apart are in different
 /// sessions.
@@ -67,6 +68,8 @@ pub struct Profile {
     pub favourite_categories: Vec<CategoryWeight>,
     pub recent_items: Vec<RecentItem>,
     pub purchases: Purchases,
+    /// The user's mean rating against the shop's.
+    pub ratings: UserRatings,
     pub rfm: Rfm,
     pub churn: Churn,
     pub segment: Segment,
@@ -240,6 +243,7 @@ pub fn build_profile(
             count: purchases.count,
             spend: round4(purchases.spend),
         },
+        ratings: user_ratings(events, shop.rating_mean),
         rfm,
         churn: Churn {
             risk: round4(risk),
@@ -739,6 +743,7 @@ mod tests {
                 spend: [0.0, 0.0, 10.0, 30.0],
             }),
             usual_gap_ms: Some(DAY as f64),
+            rating_mean: Some(3.5),
         };
         let profile = build_profile("u", &events, &HashMap::new(), &shop, 5 * DAY).unwrap();
         assert_eq!(profile.events.total, 4);
@@ -762,6 +767,14 @@ mod tests {
         assert_eq!(profile.segment, Segment::New);
         assert_eq!(profile.as_of, "1970-01-06T00:00:00.000Z");
         assert_eq!(profile.recent_items[0].item_id, "b");
+        assert_eq!(
+            profile.ratings,
+            UserRatings {
+                count: 0,
+                mean: None,
+                shop_mean: Some(3.5)
+            }
+        );
 
         let json = serde_json::to_value(&profile).unwrap();
         let types: Vec<&str> = json["events"]["by_type"]

@@ -211,6 +211,12 @@ impl Serving {
         tracing::info!(version, "serving model");
     }
 
+    /// How many erasures this process has applied (figures made before one
+    /// may count the erased user).
+    pub fn erasures(&self) -> u64 {
+        self.erasures.load(Ordering::SeqCst)
+    }
+
     /// Forgets what is cached of a user (erasure).
     pub fn forget_user(&self, user_id: &str) {
         self.erasures.fetch_add(1, Ordering::SeqCst);

@@ -53,6 +53,7 @@ mod events;
 mod ids;
 mod keying;
 mod profile;
+mod ratings;
 mod serving;
 pub use coordination::{Locks, Notice, Notices};
 use coordination::{ERASURE_CHANNEL, SNAPSHOT_CHANNEL};

@@ -89,8 +89,9 @@ GROUP BY f.k ORDER BY f.k";
 impl Store {
     /// The shop-wide figures profiles are scored against: RFM quintile cuts
     /// over the users with events from `since_ms` on, and the median usual
-    /// gap between their sessions. One pass over those events: compute it
-    /// in the background, never per request.
+    /// gap between their sessions, and the mean of their ratings. One pass
+    /// over those events and one over their ratings: compute it in the
+    /// background, never per request.
     ///
     /// `session_gap_ms`: events further apart than this (without session
     /// ids) are two sessions; `min_usual_gap_ms`: the least a user's usual
@@ -118,6 +119,11 @@ impl Store {
             }),
             _ => None,
         };
-        Ok(ShopStats { rfm_cuts, usual_gap_ms })
+        let (_, rating_mean) = self.shop_ratings(since_ms).await?;
+        Ok(ShopStats {
+            rfm_cuts,
+            usual_gap_ms,
+            rating_mean,
+        })
     }
 }

@@ -11,6 +11,7 @@ mod openapi;
 mod ops;
 mod process;
 mod profile;
+mod ratings;
 mod replicas;
 mod retention;
 mod serving;

@@ -10,13 +10,14 @@ use crate::helpers::TestApp;
 
 /// Every route recd serves. A route added to the router must be added here,
 /// and the document must list exactly these.
-const ROUTES: [(&str, &str); 17] = [
+const ROUTES: [(&str, &str); 18] = [
     ("POST", "/v1/events"),
     ("POST", "/v1/items"),
     ("GET", "/v1/items/{item_id}"),
     ("PUT", "/v1/items/{item_id}"),
     ("DELETE", "/v1/items/{item_id}"),
     ("GET", "/v1/items/{item_id}/similar"),
+    ("GET", "/v1/items/{item_id}/stats"),
     ("GET", "/v1/popular"),
     ("GET", "/v1/users/{user_id}/recommendations"),
     ("GET", "/v1/users/{user_id}/profile"),
@@ -104,6 +105,7 @@ async fn operations_name_scopes_and_problems(app: TestApp) {
         ("delete", "/v1/users/{user_id}", "admin"),
         ("post", "/v1/model/train", "admin"),
         ("get", "/v1/model", "read"),
+        ("get", "/v1/items/{item_id}/stats", "read"),
     ] {
         let operation = &paths[path][method];
         assert_eq!(operation["security"][0]["api_key"][0], scope, "{method} {path}");
