@@ -8,7 +8,7 @@
 //! functions read the same in PostgreSQL and SQLite; `kind = 6` is written
 //! out (not bound) so that the planner can use the partial index.
 
-use super::{Result, Store};
+use super::{Db, Result, Store};
 use crate::domain::RatingTotals;
 
 /// The sums over the `newest` ratings: $1 is where the last 30 days start
