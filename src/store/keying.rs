@@ -177,15 +177,27 @@ impl Store {
                 // Every replica must be stopped: one still running (connected,
                 // as every replica that started is) would go on writing ids
                 // the old way.
-                let others: i64 = sqlx::query_scalar(
-                    "SELECT COUNT(*) FROM pg_stat_activity
-                     WHERE datname = current_database() AND application_name = $1 AND pid <> pg_backend_pid()",
-                )
-                .bind(APPLICATION_NAME)
-                .fetch_one(&mut *tx)
-                .await?;
-                if others > 0 {
-                    return Err(StoreError::ReplicasRunning(others));
+                // A replica stopped a moment ago may still show while its
+                // server process ends: look again for up to 5 s.
+                let mut looks = 0;
+                loop {
+                    let others: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM pg_stat_activity
+                         WHERE datname = current_database() AND application_name = $1 AND pid <> pg_backend_pid()",
+                    )
+                    .bind(APPLICATION_NAME)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                    if others == 0 {
+                        break;
+                    }
+                    looks += 1;
+                    if looks == 50 {
+                        return Err(StoreError::ReplicasRunning(others));
+                    }
+                    // The activity view is read once per transaction unless cleared.
+                    sqlx::query("SELECT pg_stat_clear_snapshot()").execute(&mut *tx).await?;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 }
                 let mut after = i64::MIN;
                 loop {
