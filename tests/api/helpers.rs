@@ -109,13 +109,22 @@ async fn postgres_available() -> Result<(), String> {
                 .await
                 .map_err(|_| format!("no answer from {url} within 5 s"))?
                 .map_err(|e| format!("cannot connect to {url}: {e}"))?;
-            let stale: Vec<String> = sqlx::query_scalar(
+            let idle: Vec<String> = sqlx::query_scalar(
                 "SELECT datname FROM pg_database WHERE datname LIKE 'recd_test_%' AND datname NOT IN
                    (SELECT datname FROM pg_stat_activity WHERE datname IS NOT NULL)",
             )
             .fetch_all(&mut conn)
             .await
             .map_err(|e| e.to_string())?;
+            // Only those over an hour old: another suite running beside this
+            // one may have a database with no connection for a moment.
+            let now = chrono::Utc::now().timestamp();
+            let stale = idle.into_iter().filter(|name| {
+                let created = name
+                    .strip_prefix("recd_test_")
+                    .and_then(|rest| rest.split('_').next()?.parse::<i64>().ok());
+                created.is_none_or(|at| now - at > 3600)
+            });
             for name in stale {
                 let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\""))
                     .execute(&mut conn)
@@ -144,7 +153,12 @@ pub async fn fresh_database(db: Db) -> Option<(String, Option<tempfile::TempDir>
                 eprintln!("SKIPPED: Postgres test, {why} (set RECD_TEST_POSTGRES_URL)");
                 return None;
             }
-            let name = format!("recd_test_{}", uuid::Uuid::new_v4().simple());
+            // Named with its time of creation (see `postgres_available`).
+            let name = format!(
+                "recd_test_{}_{}",
+                chrono::Utc::now().timestamp(),
+                uuid::Uuid::new_v4().simple()
+            );
             let admin = postgres_admin_url();
             let base = admin.rsplit_once('/').map_or(admin.as_str(), |(base, _)| base);
             // recd creates the database itself: that is part of what is tested.
