@@ -349,6 +349,16 @@ async fn sizes_cover_every_shopper_with_events(app: TestApp) {
         .map(|s| s["share"].as_f64().unwrap())
         .sum();
     assert!((shares - 1.0).abs() < 1e-3, "{summary}");
+
+    // The job's metrics are on /metrics.
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    for metric in [
+        "recd_segments_refresh_seconds",
+        "recd_segments_users",
+        "recd_segments_computed_at_seconds",
+    ] {
+        assert!(metrics.contains(metric), "{metric} missing");
+    }
     app.stop().await;
 }
 
