@@ -101,6 +101,10 @@ pub struct Settings {
     /// changed, or a user was erased).
     #[serde(deserialize_with = "duration")]
     pub rating_stats_refresh: Duration,
+    /// Every shopper's segment (GET /v1/segments) is recomputed in the
+    /// background this often when events arrived or were retired.
+    #[serde(deserialize_with = "duration")]
+    pub segments_refresh: Duration,
     /// A scheduled training continues from the served model's weights
     /// unless the training from scratch it descends from is this old (then
     /// it starts from scratch).

@@ -6,6 +6,7 @@
 //! and holds no lifecycle of its own.
 
 mod rating_stats;
+mod segments;
 mod shop_stats;
 mod tasks;
 
@@ -24,6 +25,8 @@ use crate::store::{KnownItems, Locks, Store};
 use crate::trainer::Trainer;
 pub use rating_stats::CategoryRatings;
 use rating_stats::RatingStatsCache;
+use segments::SegmentsCache;
+pub use segments::SegmentsComputed;
 use shop_stats::ShopStatsCache;
 
 /// A cheap handle: clones share one allocation.
@@ -43,6 +46,8 @@ pub struct Inner {
     shop_stats: ShopStatsCache,
     /// Every category's rating figures, made in the background.
     rating_stats: RatingStatsCache,
+    /// When every shopper's segment was last computed (into the store).
+    segments: SegmentsCache,
     /// The newest event's time in the store (ms; `i64::MIN` for none) and
     /// the arrival number it was read at, kept by the popular lists' task.
     newest_event: std::sync::atomic::AtomicI64,
@@ -76,6 +81,7 @@ impl App {
             known_items: KnownItems::default(),
             shop_stats: ShopStatsCache::default(),
             rating_stats: RatingStatsCache::default(),
+            segments: SegmentsCache::default(),
             newest_event: std::sync::atomic::AtomicI64::new(i64::MIN),
             newest_event_seq: std::sync::atomic::AtomicI64::new(i64::MIN),
             tasks: Mutex::new(None),
@@ -268,6 +274,24 @@ impl App {
         self.rating_stats.refresh(&self.store, &self.serving, force).await
     }
 
+    /// The last computation of the segment lists (`None` before the
+    /// first).
+    pub fn segments(&self) -> Option<SegmentsComputed> {
+        self.segments.get()
+    }
+
+    /// One step of the segments' background task: brings the shop
+    /// statistics up to date, then computes every shopper's segment when
+    /// events arrived or were retired since the last computation (or
+    /// always, with `force`); whether it did.
+    pub async fn refresh_segments(&self, force: bool) -> anyhow::Result<bool> {
+        let shop = || async {
+            self.refresh_shop_stats(false).await?;
+            Ok::<_, anyhow::Error>(self.shop_stats())
+        };
+        self.segments.refresh(&self.store, shop, force).await
+    }
+
     /// One step of the popular lists' background task: recomputes the
     /// lists that count fewer events than the store holds.
     pub async fn refresh_popular(&self) -> anyhow::Result<()> {
@@ -319,7 +343,8 @@ impl App {
     pub async fn refresh_figures(&self) -> anyhow::Result<()> {
         self.refresh_shop_stats(false).await?;
         self.refresh_rating_stats(false).await?;
-        self.refresh_popular().await
+        self.refresh_popular().await?;
+        self.refresh_segments(false).await.map(drop)
     }
 
     /// One step of the retention task: retires events older than
@@ -338,6 +363,7 @@ impl App {
         metrics::gauge!("recd_event_partitions").set(self.store.event_partitions().await?.len() as f64);
         if retired.partitions > 0 || retired.rows > 0 {
             self.rating_stats.mark_stale();
+            self.segments.mark_stale();
             tracing::info!(
                 partitions = retired.partitions,
                 rows = retired.rows,

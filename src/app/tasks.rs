@@ -25,6 +25,7 @@ pub(super) fn spawn_all(app: &App) -> Vec<JoinHandle<()>> {
         tokio::spawn(follow_events(app.clone())),
         tokio::spawn(refresh_shop_stats(app.clone())),
         tokio::spawn(refresh_rating_stats(app.clone())),
+        tokio::spawn(refresh_segments(app.clone())),
         tokio::spawn(refresh_popular(app.clone())),
         tokio::spawn(retire_events(app.clone())),
     ];
@@ -84,6 +85,18 @@ async fn refresh_rating_stats(app: App) {
             tracing::warn!(error = %e, "cannot refresh the category ratings");
         }
         tokio::time::sleep(app.settings.rating_stats_refresh).await;
+    }
+}
+
+/// The segment lists, at once and then every `segments_refresh` when
+/// events arrived or were retired.
+async fn refresh_segments(app: App) {
+    loop {
+        if let Err(e) = app.refresh_segments(false).await {
+            metrics::counter!("recd_background_failures_total", "task" => "segments").increment(1);
+            tracing::warn!(error = %e, "cannot compute the segments");
+        }
+        tokio::time::sleep(app.settings.segments_refresh).await;
     }
 }
 

@@ -39,11 +39,14 @@ fn digest(key: &str) -> [u8; 32] {
     Sha256::digest(key.as_bytes()).into()
 }
 
-/// What each route needs: reads need `read`; erasing a user and starting a
-/// training need `admin`; every other write needs `write`. The OpenAPI
+/// What each route needs: reads need `read`, except a segment's member
+/// lists (they list shoppers), which need `admin` as erasing a user and
+/// starting a training do; every other write needs `write`. The OpenAPI
 /// document names the same scopes (`super::openapi`).
 pub(super) fn needed_scope(method: &Method, path: &str) -> (Scope, &'static str) {
-    if *method == Method::GET || *method == Method::HEAD {
+    if path.starts_with("/v1/segments/") {
+        (Scope::Admin, "do admin operations")
+    } else if *method == Method::GET || *method == Method::HEAD {
         (Scope::Read, "read")
     } else if path.starts_with("/v1/users/") || path.starts_with("/v1/model") {
         (Scope::Admin, "do admin operations")

@@ -31,6 +31,7 @@ mod ops;
 mod profile;
 mod rate_limit;
 mod recommend;
+mod segments;
 mod users;
 
 use std::sync::Arc;
@@ -110,6 +111,7 @@ pub fn router(app: App) -> Router {
         .merge(items::router())
         .merge(profile::router())
         .merge(users::router())
+        .merge(segments::router())
         .merge(recommend::router())
         .merge(model::router())
         .route_layer(middleware::from_fn_with_state(

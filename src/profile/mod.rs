@@ -187,6 +187,46 @@ pub enum Segment {
     Occasional,
 }
 
+impl Segment {
+    /// Every segment, in the order its rule is tried.
+    pub const ALL: [Segment; 6] = [
+        Segment::Lost,
+        Segment::AtRisk,
+        Segment::New,
+        Segment::Champion,
+        Segment::Loyal,
+        Segment::Occasional,
+    ];
+
+    /// The snake_case name the API uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Segment::Lost => "lost",
+            Segment::AtRisk => "at_risk",
+            Segment::New => "new",
+            Segment::Champion => "champion",
+            Segment::Loyal => "loyal",
+            Segment::Occasional => "occasional",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Segment> {
+        Segment::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// The segment's rule, as [`segment`] applies it: the first that holds.
+    pub fn rule(self) -> &'static str {
+        match self {
+            Segment::Lost => "churn risk >= 0.75",
+            Segment::AtRisk => "not lost, churn risk >= 0.5",
+            Segment::New => "none of the above, first seen less than 30 days before as_of",
+            Segment::Champion => "none of the above, recency, frequency and monetary scores all >= 4",
+            Segment::Loyal => "none of the above, frequency score >= 4",
+            Segment::Occasional => "none of the above",
+        }
+    }
+}
+
 /// The profile of a user from their events (any order), or `None` when
 /// there are none. `categories` maps item ids to their catalogue
 /// categories; `as_of_ms` is the newest event in the store (a newer event of
@@ -200,32 +240,27 @@ pub fn build_profile(
 ) -> Option<Profile> {
     let first_ms = events.iter().map(|e| e.ts).min()?;
     let last_ms = events.iter().map(|e| e.ts).max()?;
-    let as_of_ms = as_of_ms.max(last_ms);
 
     let by_type = count_by_type(events);
     let purchases = purchases(events);
     let sessions = sessions(events);
-    let since_last_ms = (as_of_ms - last_ms) as f64;
-    let (usual_gap_ms, usual_gap_source) = usual_gap_ms(&session_gaps(&sessions), shop.usual_gap_ms);
-    let risk = churn_risk(since_last_ms, usual_gap_ms);
-
-    let session_count = i64::try_from(sessions.len()).unwrap_or(i64::MAX);
-    let cuts = shop.rfm_cuts.clone().unwrap_or(RfmCuts {
-        // A store without users yet: the shop is this user alone.
-        last_seen_ms: [last_ms; 4],
-        sessions: [session_count; 4],
-        spend: [purchases.spend; 4],
-    });
-    let rfm = Rfm {
-        recency: quintile_score(last_ms, &cuts.last_seen_ms),
-        frequency: quintile_score(session_count, &cuts.sessions),
-        monetary: quintile_score(purchases.spend, &cuts.spend),
-        recency_days: round4(since_last_ms / DAY_MS),
-        frequency_sessions: sessions.len(),
-        monetary_spend: round4(purchases.spend),
+    let gaps: Vec<f64> = session_gaps(&sessions).iter().map(|&g| g as f64).collect();
+    let measures = Measures {
+        first_ms,
+        last_ms,
+        sessions: i64::try_from(sessions.len()).unwrap_or(i64::MAX),
+        median_gap_ms: median(&gaps),
+        spend: purchases.spend,
     };
-    let days_since_first = (as_of_ms - first_ms) as f64 / DAY_MS;
-    let segment = segment(&rfm, risk, days_since_first);
+    let Scores {
+        as_of_ms,
+        rfm,
+        risk,
+        usual_gap_ms,
+        usual_gap_source,
+        segment,
+    } = score(&measures, shop, as_of_ms);
+    let since_last_ms = (as_of_ms - last_ms) as f64;
 
     Some(Profile {
         user_id: user_id.to_owned(),
@@ -253,6 +288,71 @@ pub fn build_profile(
         },
         segment,
     })
+}
+
+/// What the scores of a user are computed from: the same numbers whether
+/// they come from the user's events ([`build_profile`]) or from the store's
+/// per-user aggregate (the segment lists, `Store::user_measures`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Measures {
+    /// The user's oldest and newest event (ms since the epoch).
+    pub first_ms: i64,
+    pub last_ms: i64,
+    /// Sessions, by [`sessions`].
+    pub sessions: i64,
+    /// The median of the user's gaps between sessions ([`session_gaps`]);
+    /// `None` with one session.
+    pub median_gap_ms: Option<f64>,
+    /// The sum of the user's purchase amounts.
+    pub spend: f64,
+}
+
+/// A user's RFM scores, churn risk and segment, from [`score`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scores {
+    /// "Now": the newest event in the store, or the user's own when newer.
+    pub as_of_ms: i64,
+    pub rfm: Rfm,
+    /// Unrounded churn risk.
+    pub risk: f64,
+    pub usual_gap_ms: f64,
+    pub usual_gap_source: GapSource,
+    pub segment: Segment,
+}
+
+/// The one code path from a user's [`Measures`] to their RFM scores, churn
+/// risk and segment, against the shop's figures and at `as_of_ms` (the
+/// newest event in the store): the profile and the segment lists both call
+/// it, so they agree given the same figures and `as_of_ms`.
+pub fn score(m: &Measures, shop: &ShopStats, as_of_ms: i64) -> Scores {
+    let as_of_ms = as_of_ms.max(m.last_ms);
+    let since_last_ms = (as_of_ms - m.last_ms) as f64;
+    let (usual_gap_ms, usual_gap_source) = usual_gap_from_median(m.median_gap_ms, shop.usual_gap_ms);
+    let risk = churn_risk(since_last_ms, usual_gap_ms);
+    let cuts = shop.rfm_cuts.clone().unwrap_or(RfmCuts {
+        // A store without users yet: the shop is this user alone.
+        last_seen_ms: [m.last_ms; 4],
+        sessions: [m.sessions; 4],
+        spend: [m.spend; 4],
+    });
+    let rfm = Rfm {
+        recency: quintile_score(m.last_ms, &cuts.last_seen_ms),
+        frequency: quintile_score(m.sessions, &cuts.sessions),
+        monetary: quintile_score(m.spend, &cuts.spend),
+        recency_days: round4(since_last_ms / DAY_MS),
+        frequency_sessions: usize::try_from(m.sessions).unwrap_or(0),
+        monetary_spend: round4(m.spend),
+    };
+    let days_since_first = (as_of_ms - m.first_ms) as f64 / DAY_MS;
+    let segment = segment(&rfm, risk, days_since_first);
+    Scores {
+        as_of_ms,
+        rfm,
+        risk,
+        usual_gap_ms,
+        usual_gap_source,
+        segment,
+    }
 }
 
 /// Events per type; events of an unknown type code are not counted.
@@ -337,7 +437,13 @@ pub fn median(values: &[f64]) -> Option<f64> {
 /// than [`MIN_USUAL_GAP_MS`].
 pub fn usual_gap_ms(gaps: &[i64], shop_usual_gap_ms: Option<f64>) -> (f64, GapSource) {
     let gaps: Vec<f64> = gaps.iter().map(|&g| g as f64).collect();
-    let (gap, source) = match (median(&gaps), shop_usual_gap_ms) {
+    usual_gap_from_median(median(&gaps), shop_usual_gap_ms)
+}
+
+/// [`usual_gap_ms`] from the median of the user's gaps (`None` without
+/// gaps).
+pub fn usual_gap_from_median(median_gap_ms: Option<f64>, shop_usual_gap_ms: Option<f64>) -> (f64, GapSource) {
+    let (gap, source) = match (median_gap_ms, shop_usual_gap_ms) {
         (Some(own), _) => (own, GapSource::User),
         (None, Some(shop)) => (shop, GapSource::Shop),
         (None, None) => (DEFAULT_USUAL_GAP_MS, GapSource::Default),

@@ -250,6 +250,9 @@ impl Store {
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
+                // The segment lists hold ids in the old form: the next
+                // refresh (at start) makes them again.
+                sqlx::query("DELETE FROM user_segments").execute(&mut *tx).await?;
                 sqlx::query("DELETE FROM id_key_fingerprint").execute(&mut *tx).await?;
                 if let Some(fingerprint) = new.fingerprint() {
                     sqlx::query("INSERT INTO id_key_fingerprint (one, fingerprint, set_at) VALUES (1, $1, $2)")
@@ -289,6 +292,9 @@ impl Store {
                     done.events += n;
                     progress(done.events, total);
                 }
+                // The segment lists hold ids in the old form: the next
+                // refresh (at start) makes them again.
+                sqlx::query("DELETE FROM user_segments").execute(&mut *tx).await?;
                 sqlx::query("DELETE FROM id_key_fingerprint").execute(&mut *tx).await?;
                 if let Some(fingerprint) = new.fingerprint() {
                     sqlx::query("INSERT INTO id_key_fingerprint (one, fingerprint, set_at) VALUES (1, $1, $2)")

@@ -54,12 +54,14 @@ mod ids;
 mod keying;
 mod profile;
 mod ratings;
+mod segments;
 mod serving;
 pub use coordination::{Locks, Notice, Notices};
 use coordination::{ERASURE_CHANNEL, SNAPSHOT_CHANNEL};
 pub use events::Retention;
 pub use ids::{optional_id_key, IdKey, IdKind, Ids, Undecryptable};
 pub use keying::Rotation;
+pub use segments::{SegmentMember, SegmentRow};
 pub use serving::ITEM_SEPARATOR;
 
 #[derive(Debug, thiserror::Error)]
@@ -411,6 +413,11 @@ impl Store {
                     .bind(user_id)
                     .execute(&mut *tx)
                     .await?;
+                // Out of the segment lists at once, not at the next refresh.
+                sqlx::query("DELETE FROM user_segments WHERE user_id = $1")
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await?;
                 sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(ERASURE_CHANNEL)
                     .bind(user_id)
@@ -419,11 +426,20 @@ impl Store {
                 tx.commit().await?;
                 n
             }
-            Db::Sqlite(sqlite) => sqlx::query("DELETE FROM events WHERE user_id = $1")
-                .bind(user_id)
-                .execute(&sqlite.write)
-                .await?
-                .rows_affected(),
+            Db::Sqlite(sqlite) => {
+                let mut tx = sqlite.write.begin().await?;
+                let n = sqlx::query("DELETE FROM events WHERE user_id = $1")
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                sqlx::query("DELETE FROM user_segments WHERE user_id = $1")
+                    .bind(user_id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                n
+            }
         };
         Ok(n)
     }

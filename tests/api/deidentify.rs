@@ -138,6 +138,34 @@ async fn answers(app: &TestApp, users: &[String]) -> Vec<Value> {
         ]));
     }
     out.push(json!(["popular", get_json(app, "/v1/popular?n=10").await]));
+    // The segment lists: sizes, and each segment's members (in the order of
+    // the ids as stored, which a key changes: compared as sets) and CSV rows.
+    let mut segments = get_json(app, "/v1/segments").await;
+    segments[1].as_object_mut().map(|o| o.remove("computed_at"));
+    out.push(json!(["segments", segments]));
+    for name in ["lost", "at_risk", "new", "champion", "loyal", "occasional"] {
+        let mut members = Vec::new();
+        let mut path = format!("/v1/segments/{name}/users?limit=3");
+        loop {
+            let page = app.get(&path).await.json::<Value>().await.unwrap();
+            members.extend(page["users"].as_array().unwrap().iter().cloned());
+            match page["next_cursor"].as_str() {
+                Some(next) => path = format!("/v1/segments/{name}/users?limit=3&cursor={next}"),
+                None => break,
+            }
+        }
+        members.sort_by_key(|m| m["user_id"].as_str().unwrap_or_default().to_owned());
+        out.push(json!(["segment", name, members]));
+        let csv = app
+            .get(&format!("/v1/segments/{name}/users.csv"))
+            .await
+            .text()
+            .await
+            .unwrap();
+        let mut rows: Vec<&str> = csv.lines().collect();
+        rows.sort_unstable();
+        out.push(json!(["segment.csv", name, rows]));
+    }
     out.push(json!(["similar", get_json(app, "/v1/items/item-3/similar?n=5").await]));
     out
 }
@@ -240,6 +268,12 @@ async fn no_shopper_id_is_stored_and_every_endpoint_answers_the_same(app: TestAp
             .iter()
             .any(|a| a[2]["strategy"] == "personalized" && a[2]["items"].as_array().is_some_and(|i| !i.is_empty())),
         "the model answers: {expected:?}"
+    );
+    assert!(
+        expected
+            .iter()
+            .any(|a| a[0] == "segment" && a[2].as_array().is_some_and(|m| !m.is_empty())),
+        "the segment lists list shoppers: {expected:?}"
     );
     for (e, g) in expected.iter().zip(&got) {
         assert_eq!(g, e, "with a key, then without");

@@ -14,6 +14,7 @@ mod profile;
 mod ratings;
 mod replicas;
 mod retention;
+mod segments;
 mod serving;
 mod store_down;
 mod training;

@@ -10,7 +10,7 @@ use crate::helpers::TestApp;
 
 /// Every route recd serves. A route added to the router must be added here,
 /// and the document must list exactly these.
-const ROUTES: [(&str, &str); 18] = [
+const ROUTES: [(&str, &str); 21] = [
     ("POST", "/v1/events"),
     ("POST", "/v1/items"),
     ("GET", "/v1/items/{item_id}"),
@@ -22,6 +22,9 @@ const ROUTES: [(&str, &str); 18] = [
     ("GET", "/v1/users/{user_id}/recommendations"),
     ("GET", "/v1/users/{user_id}/profile"),
     ("DELETE", "/v1/users/{user_id}"),
+    ("GET", "/v1/segments"),
+    ("GET", "/v1/segments/{name}/users"),
+    ("GET", "/v1/segments/{name}/users.csv"),
     ("GET", "/v1/model"),
     ("POST", "/v1/model/train"),
     ("GET", "/healthz"),
@@ -74,6 +77,7 @@ async fn every_route_is_documented_and_served(app: TestApp) {
         let url = path
             .replace("{item_id}", "no-such-item")
             .replace("{user_id}", "no-such-user")
+            .replace("{name}", "no-such-segment")
             + if path == "/v1/model/train" { "?from=nowhere" } else { "" };
         let response = app
             .client
@@ -106,6 +110,9 @@ async fn operations_name_scopes_and_problems(app: TestApp) {
         ("post", "/v1/model/train", "admin"),
         ("get", "/v1/model", "read"),
         ("get", "/v1/items/{item_id}/stats", "read"),
+        ("get", "/v1/segments", "read"),
+        ("get", "/v1/segments/{name}/users", "admin"),
+        ("get", "/v1/segments/{name}/users.csv", "admin"),
     ] {
         let operation = &paths[path][method];
         assert_eq!(operation["security"][0]["api_key"][0], scope, "{method} {path}");
