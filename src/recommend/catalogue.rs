@@ -95,17 +95,29 @@ pub struct Catalogue {
     since: tokio::sync::Mutex<Option<i64>>,
     /// Bumped whenever what the filters see changes.
     generation: std::sync::atomic::AtomicU64,
+    /// When the shop lets the category filters use suggested categories
+    /// (`suggested_categories_in_filters`): each uncategorised item's top
+    /// suggestion that is confident enough.
+    suggested: RwLock<Option<Arc<HashMap<String, String>>>>,
 }
 
 /// A read view for one request: one lock for every check.
-pub struct View<'a>(std::sync::RwLockReadGuard<'a, HashMap<String, Entry>>);
+pub struct View<'a>(
+    std::sync::RwLockReadGuard<'a, HashMap<String, Entry>>,
+    Option<Arc<HashMap<String, String>>>,
+);
 
 impl View<'_> {
     /// Whether the item may be recommended, in `category` if one is given.
+    /// An item without categories is in its suggested category when the
+    /// shop allows it (`Catalogue::set_suggested`).
     pub fn allows(&self, item_id: &str, category: Option<&str>) -> bool {
+        let suggested = |c: &str| self.1.as_ref().is_some_and(|s| s.get(item_id).is_some_and(|x| x == c));
         match self.0.get(item_id) {
-            None => category.is_none(),
-            Some(e) => !e.blocked && category.is_none_or(|c| e.categories.iter().any(|x| x == c)),
+            None => category.is_none_or(suggested),
+            Some(e) if e.blocked => false,
+            Some(e) if e.categories.is_empty() => category.is_none_or(suggested),
+            Some(e) => category.is_none_or(|c| e.categories.iter().any(|x| x == c)),
         }
     }
 
@@ -143,7 +155,14 @@ impl Catalogue {
     }
 
     pub fn view(&self) -> View<'_> {
-        View(self.items.read().unwrap_or_else(|e| e.into_inner()))
+        let suggested = self.suggested.read().unwrap_or_else(|e| e.into_inner()).clone();
+        View(self.items.read().unwrap_or_else(|e| e.into_inner()), suggested)
+    }
+
+    /// The category each uncategorised item counts as in the category
+    /// filters (item id -> its top suggested category); `None`: none.
+    pub fn set_suggested(&self, suggested: Option<Arc<HashMap<String, String>>>) {
+        *self.suggested.write().unwrap_or_else(|e| e.into_inner()) = suggested;
     }
 
     /// Reads the catalogue's changes since the last refresh.
