@@ -56,6 +56,10 @@ macro_rules! item_in {
             /// Default `{}`: any JSON object, stored and returned as given.
             #[schema(value_type = Option<Object>)]
             attributes: Option<Map<String, Value>>,
+            /// Allowed and ignored (what `GET` adds), so that an item read
+            /// can be sent back changed.
+            #[schema(value_type = Option<Vec<Object>>)]
+            suggested_categories: Option<Value>,
         }
     };
 }
@@ -106,7 +110,15 @@ struct Items {
 
 const MAX_TITLE_CHARS: usize = 1000;
 const MAX_CATEGORIES: usize = 100;
-const FIELDS: [&str; 6] = ["item_id", "title", "categories", "price", "available", "attributes"];
+const FIELDS: [&str; 7] = [
+    "item_id",
+    "title",
+    "categories",
+    "price",
+    "available",
+    "attributes",
+    "suggested_categories",
+];
 
 /// Validates an item body; absent fields take their defaults.
 pub fn parse_item(item_id: &str, body: &Value) -> Result<Item, Vec<FieldError>> {

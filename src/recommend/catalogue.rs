@@ -244,6 +244,38 @@ mod tests {
         }
     }
 
+    /// Suggested categories count in the filters only for items without
+    /// categories of their own, and never for blocked ones.
+    #[test]
+    fn suggested_categories_fill_in_for_missing_ones() {
+        let catalogue = Catalogue::default();
+        catalogue.apply(vec![
+            change("tagged", None, &["c1"], true),
+            change("untagged", Some("Lamp"), &[], true),
+            change("gone", None, &[], false),
+        ]);
+        assert!(!catalogue.view().allows("untagged", Some("c2")));
+        let suggested: HashMap<String, String> =
+            [("tagged", "c2"), ("untagged", "c2"), ("gone", "c2"), ("absent", "c2")]
+                .into_iter()
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                .collect();
+        catalogue.set_suggested(Some(Arc::new(suggested)));
+        let view = catalogue.view();
+        assert!(view.allows("untagged", Some("c2")));
+        assert!(
+            view.allows("absent", Some("c2")),
+            "an item the catalogue holds nothing of"
+        );
+        assert!(!view.allows("untagged", Some("c1")));
+        assert!(!view.allows("tagged", Some("c2")), "own categories win");
+        assert!(view.allows("tagged", Some("c1")));
+        assert!(!view.allows("gone", Some("c2")), "unavailable");
+        drop(view);
+        catalogue.set_suggested(None);
+        assert!(!catalogue.view().allows("untagged", Some("c2")));
+    }
+
     #[test]
     fn fields_parse_and_name_the_unknown_one() {
         let fields = Fields::parse("title, price").unwrap();
