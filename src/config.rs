@@ -121,6 +121,12 @@ pub struct Settings {
     /// After each new model, the states of up to this many of the most
     /// recently active users are made ahead of their next request; `0`: none.
     pub warm_users: usize,
+    /// The category filters (`category=` on recommendations, similar and
+    /// popular) also accept an item without categories whose top suggested
+    /// category is the one asked for.
+    pub suggested_categories_in_filters: bool,
+    /// ... when that suggestion's confidence is at least this (0..1).
+    pub suggested_category_min_confidence: f64,
     /// The model's training settings (`[train]`; `RECD_TRAIN__DIM=32` and so on).
     #[serde(default)]
     pub train: crate::model::TrainConfig,

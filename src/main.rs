@@ -58,8 +58,8 @@ enum Command {
     /// and of the popular and item-kNN baselines.
     Eval {
         /// events.csv: user_id,item_id,type,value,timestamp
-        #[arg(long)]
-        events: PathBuf,
+        #[arg(long, required_unless_present = "categories")]
+        events: Option<PathBuf>,
         /// items.csv: each item's first category is an input of the model.
         #[arg(long)]
         items: Option<PathBuf>,
@@ -69,8 +69,15 @@ enum Command {
         /// Replay the events in time order: train on the oldest 80% from
         /// scratch, continue on four increments of 5%, and set the result
         /// against a training from scratch on all of them.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "categories")]
         replay: bool,
+        /// Measure the categories suggested from behaviour instead: hide
+        /// the categories of a seeded 20% of the labelled items, train on
+        /// the rest, and print the top-1 accuracy of the suggestions against
+        /// the most common category. DIR holds events.csv and items.csv
+        /// (--events and --items name other files).
+        #[arg(long, value_name = "DIR")]
+        categories: Option<PathBuf>,
     },
 }
 
@@ -90,8 +97,15 @@ fn main() -> anyhow::Result<()> {
         items,
         json,
         replay,
+        categories,
     } = &cli.command
     {
+        if let Some(dir) = categories {
+            let events = events.clone().unwrap_or_else(|| dir.join("events.csv"));
+            let items = items.clone().unwrap_or_else(|| dir.join("items.csv"));
+            return recd::server::eval_categories(&settings, &events, &items, *json);
+        }
+        let events = events.as_deref().expect("clap requires --events");
         return recd::server::eval(&settings, events, items.as_deref(), *json, *replay);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

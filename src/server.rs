@@ -157,6 +157,22 @@ pub fn eval(settings: &Settings, events: &Path, items: Option<&Path>, json: bool
     Ok(())
 }
 
+/// `recd eval --categories`: the suggested categories against the most
+/// common category, on items whose categories are hidden before training.
+pub fn eval_categories(settings: &Settings, events: &Path, items: &Path, json: bool) -> anyhow::Result<()> {
+    let progress = std::io::stderr().is_terminal();
+    let rows = crate::model::load_events_csv(events)?;
+    let categories = crate::model::data::load_item_categories_csv(items)?;
+    tracing::info!(items_with_category = categories.len(), "events and catalogue read");
+    let report = crate::model::suggest::evaluate_categories(rows, &categories, &settings.train, progress)?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
 /// `recd train`: train once on the store's events and save the snapshot.
 pub async fn train_once(settings: &Settings) -> anyhow::Result<()> {
     let store = open_store_waiting(settings).await?;

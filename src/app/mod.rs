@@ -76,7 +76,12 @@ impl App {
     /// serves its last model from the first request on.
     pub async fn open(store: Store, settings: Settings) -> anyhow::Result<App> {
         let app = App(Arc::new(Inner {
-            serving: Arc::new(Serving::new(settings.train.max_len, settings.ann)),
+            serving: Arc::new(Serving::new(settings.train.max_len, settings.ann).with_suggestions(
+                crate::recommend::SuggestSettings {
+                    in_filters: settings.suggested_categories_in_filters,
+                    min_confidence: settings.suggested_category_min_confidence,
+                },
+            )),
             trainer: Trainer::new(Locks::new(&store)),
             known_items: KnownItems::default(),
             shop_stats: ShopStatsCache::default(),

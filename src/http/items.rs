@@ -18,6 +18,7 @@ use super::{parse_json, ApiResult, AppState};
 use crate::clock::{format_timestamp, now_ms};
 use crate::domain::{Item, RatingTotals};
 use crate::ingest::{check_id, FieldError};
+use crate::model::suggest::SuggestedCategory;
 use crate::ratings::{summarise, window_starts, RatingSummary};
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
@@ -55,6 +56,10 @@ macro_rules! item_in {
             /// Default `{}`: any JSON object, stored and returned as given.
             #[schema(value_type = Option<Object>)]
             attributes: Option<Map<String, Value>>,
+            /// Allowed and ignored (what `GET` adds), so that an item read
+            /// can be sent back changed.
+            #[schema(value_type = Option<Vec<Object>>)]
+            suggested_categories: Option<Value>,
         }
     };
 }
@@ -84,6 +89,19 @@ pub(super) struct ItemBatch {
     items: Vec<BatchItem>,
 }
 
+/// An item as stored, with the categories its neighbours suggest.
+#[derive(Serialize, ToSchema)]
+struct ItemOut {
+    #[serde(flatten)]
+    item: Item,
+    /// For an item without categories that the served model knows: up to 3
+    /// categories of its nearest neighbours (by learned similarity and
+    /// co-occurrence), best first, each with its share of their
+    /// similarity-weighted vote. Empty for an item with categories, one the
+    /// model does not know, or without a model.
+    suggested_categories: Vec<SuggestedCategory>,
+}
+
 /// The items as stored.
 #[derive(Serialize, ToSchema)]
 struct Items {
@@ -92,7 +110,15 @@ struct Items {
 
 const MAX_TITLE_CHARS: usize = 1000;
 const MAX_CATEGORIES: usize = 100;
-const FIELDS: [&str; 6] = ["item_id", "title", "categories", "price", "available", "attributes"];
+const FIELDS: [&str; 7] = [
+    "item_id",
+    "title",
+    "categories",
+    "price",
+    "available",
+    "attributes",
+    "suggested_categories",
+];
 
 /// Validates an item body; absent fields take their defaults.
 pub fn parse_item(item_id: &str, body: &Value) -> Result<Item, Vec<FieldError>> {
@@ -285,18 +311,26 @@ async fn put_many(State(state): State<AppState>, body: Result<Bytes, BytesReject
     tag = "catalogue",
     params(("item_id" = Id, Path, description = "The item")),
     responses(
-        (status = 200, description = "The item", body = Item),
+        (status = 200, description = "The item, with the categories suggested by shoppers' behaviour when it has none", body = ItemOut),
         (status = 404, description = "`not-found`: the item was never seen, or is deleted",
             body = Problem, content_type = "application/problem+json"),
     )
 )]
-async fn get_one(State(state): State<AppState>, Path(item_id): Path<String>) -> ApiResult<Json<Item>> {
-    state
+async fn get_one(State(state): State<AppState>, Path(item_id): Path<String>) -> ApiResult<Json<ItemOut>> {
+    let item = state
         .store
         .get_item(&item_id)
         .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no item {item_id:?}")))
+        .ok_or_else(|| ApiError::NotFound(format!("no item {item_id:?}")))?;
+    let suggested_categories = if item.categories.is_empty() {
+        state.serving.suggested_categories(&item_id)
+    } else {
+        Vec::new()
+    };
+    Ok(Json(ItemOut {
+        item,
+        suggested_categories,
+    }))
 }
 
 /// Marks the item deleted.

@@ -278,6 +278,7 @@ async fn recommendations(
         .histories
         .get(&state.store, &user_id, HISTORY_LIMIT)
         .await?;
+    state.serving.prepare_category_filter(request.category.as_deref());
     let model = state.serving.model();
     let popular = if Serving::is_cold(model.as_deref(), &events) {
         Some(
@@ -367,6 +368,7 @@ async fn similar(
     let Some(item) = state.store.get_item(&item_id).await? else {
         return Err(ApiError::NotFound(format!("no item {item_id:?}")));
     };
+    state.serving.prepare_category_filter(category.as_deref());
     let model = state.serving.model();
     let found = model
         .as_deref()
@@ -455,6 +457,7 @@ async fn popular(State(state): State<AppState>, Query(params): Query<Params>) ->
         return Err(ApiError::invalid(errors));
     }
     let list = state.serving.popular.get(&state.store, window).await?;
+    state.serving.prepare_category_filter(category.as_deref());
     let mut items: Vec<ItemScore> = {
         let catalogue = state.serving.catalogue.view();
         list.iter()

@@ -14,6 +14,7 @@ pub mod ops;
 pub mod optim;
 pub mod simd;
 pub mod snapshot;
+pub mod suggest;
 pub mod train;
 
 pub use crate::domain::EventRow;

@@ -95,17 +95,29 @@ pub struct Catalogue {
     since: tokio::sync::Mutex<Option<i64>>,
     /// Bumped whenever what the filters see changes.
     generation: std::sync::atomic::AtomicU64,
+    /// When the shop lets the category filters use suggested categories
+    /// (`suggested_categories_in_filters`): each uncategorised item's top
+    /// suggestion that is confident enough.
+    suggested: RwLock<Option<Arc<HashMap<String, String>>>>,
 }
 
 /// A read view for one request: one lock for every check.
-pub struct View<'a>(std::sync::RwLockReadGuard<'a, HashMap<String, Entry>>);
+pub struct View<'a>(
+    std::sync::RwLockReadGuard<'a, HashMap<String, Entry>>,
+    Option<Arc<HashMap<String, String>>>,
+);
 
 impl View<'_> {
     /// Whether the item may be recommended, in `category` if one is given.
+    /// An item without categories is in its suggested category when the
+    /// shop allows it (`Catalogue::set_suggested`).
     pub fn allows(&self, item_id: &str, category: Option<&str>) -> bool {
+        let suggested = |c: &str| self.1.as_ref().is_some_and(|s| s.get(item_id).is_some_and(|x| x == c));
         match self.0.get(item_id) {
-            None => category.is_none(),
-            Some(e) => !e.blocked && category.is_none_or(|c| e.categories.iter().any(|x| x == c)),
+            None => category.is_none_or(suggested),
+            Some(e) if e.blocked => false,
+            Some(e) if e.categories.is_empty() => category.is_none_or(suggested),
+            Some(e) => category.is_none_or(|c| e.categories.iter().any(|x| x == c)),
         }
     }
 
@@ -143,7 +155,14 @@ impl Catalogue {
     }
 
     pub fn view(&self) -> View<'_> {
-        View(self.items.read().unwrap_or_else(|e| e.into_inner()))
+        let suggested = self.suggested.read().unwrap_or_else(|e| e.into_inner()).clone();
+        View(self.items.read().unwrap_or_else(|e| e.into_inner()), suggested)
+    }
+
+    /// The category each uncategorised item counts as in the category
+    /// filters (item id -> its top suggested category); `None`: none.
+    pub fn set_suggested(&self, suggested: Option<Arc<HashMap<String, String>>>) {
+        *self.suggested.write().unwrap_or_else(|e| e.into_inner()) = suggested;
     }
 
     /// Reads the catalogue's changes since the last refresh.
@@ -223,6 +242,38 @@ mod tests {
             price: title.map(|_| 9.5),
             attributes: Map::new(),
         }
+    }
+
+    /// Suggested categories count in the filters only for items without
+    /// categories of their own, and never for blocked ones.
+    #[test]
+    fn suggested_categories_fill_in_for_missing_ones() {
+        let catalogue = Catalogue::default();
+        catalogue.apply(vec![
+            change("tagged", None, &["c1"], true),
+            change("untagged", Some("Lamp"), &[], true),
+            change("gone", None, &[], false),
+        ]);
+        assert!(!catalogue.view().allows("untagged", Some("c2")));
+        let suggested: HashMap<String, String> =
+            [("tagged", "c2"), ("untagged", "c2"), ("gone", "c2"), ("absent", "c2")]
+                .into_iter()
+                .map(|(a, b)| (a.to_owned(), b.to_owned()))
+                .collect();
+        catalogue.set_suggested(Some(Arc::new(suggested)));
+        let view = catalogue.view();
+        assert!(view.allows("untagged", Some("c2")));
+        assert!(
+            view.allows("absent", Some("c2")),
+            "an item the catalogue holds nothing of"
+        );
+        assert!(!view.allows("untagged", Some("c1")));
+        assert!(!view.allows("tagged", Some("c2")), "own categories win");
+        assert!(view.allows("tagged", Some("c1")));
+        assert!(!view.allows("gone", Some("c2")), "unavailable");
+        drop(view);
+        catalogue.set_suggested(None);
+        assert!(!catalogue.view().allows("untagged", Some("c2")));
     }
 
     #[test]

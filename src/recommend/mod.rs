@@ -27,6 +27,7 @@ mod index;
 mod popular;
 mod rank;
 mod state;
+mod suggested;
 mod warm;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +42,7 @@ pub use impressions::Impressions;
 pub use index::{IndexInfo, IndexKind, IndexState};
 pub use popular::PopularCache;
 pub use rank::{approximate_top_n, history_of, MIN_EMBEDDED_INTERACTIONS};
+pub use suggested::{SuggestSettings, Suggestions};
 pub use warm::{WarmInfo, WarmState};
 
 use crate::model::ann::{AnnIndex, AnnSettings};
@@ -163,6 +165,10 @@ pub struct Serving {
     warm: Mutex<WarmInfo>,
     /// Users forgotten so far (erasure).
     erasures: AtomicU64,
+    /// Whether and how the category filters use suggested categories.
+    suggest_settings: SuggestSettings,
+    /// The newest suggested categories (`suggestions()`).
+    suggestions: Mutex<Option<Arc<Suggestions>>>,
 }
 
 impl Serving {
@@ -180,11 +186,19 @@ impl Serving {
             impressions: Impressions::default(),
             warm: Mutex::default(),
             erasures: AtomicU64::new(0),
+            suggest_settings: SuggestSettings::default(),
+            suggestions: Mutex::default(),
         }
     }
 }
 
 impl Serving {
+    /// With suggested categories used by the category filters as set.
+    pub fn with_suggestions(mut self, settings: SuggestSettings) -> Self {
+        self.suggest_settings = settings;
+        self
+    }
+
     /// The snapshot being served, if any.
     pub fn model(&self) -> Option<Arc<ModelSnapshot>> {
         self.model.load_full()

@@ -258,7 +258,7 @@ pub fn approximate_top_n(
 /// the async worker for the time it takes.
 const LONG_SCAN_ITEMS: usize = 100_000;
 
-fn on_multi_thread_runtime() -> bool {
+pub(super) fn on_multi_thread_runtime() -> bool {
     tokio::runtime::Handle::try_current()
         .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }

@@ -3,6 +3,7 @@
 mod helpers;
 
 mod auth;
+mod categories;
 mod deidentify;
 mod events;
 mod items;
