@@ -68,7 +68,7 @@ async fn add_walk_in(app: &TestApp) {
 }
 
 /// The small demo shop of `serving::seed_shop`, its events at fixed times,
-/// sent through the API.
+/// sent through the API (`serving::send_shop`).
 async fn seed(app: &TestApp, base_ms: i64) -> recd::demo::DemoShop {
     let shop = recd::demo::generate(
         recd::demo::DemoSize {
@@ -79,30 +79,7 @@ async fn seed(app: &TestApp, base_ms: i64) -> recd::demo::DemoShop {
         },
         base_ms,
     );
-    let items: Vec<Value> = shop
-        .items
-        .iter()
-        .map(|i| json!({"item_id": i.item_id, "title": i.title, "categories": i.categories, "price": i.price}))
-        .collect();
-    assert_eq!(app.post("/v1/items", &json!({"items": items})).await.status(), 200);
-    let events: Vec<Value> = shop
-        .events
-        .iter()
-        .map(|e| {
-            json!({"event_id": e.event_id, "user_id": e.user_id, "item_id": e.item_id, "type": e.kind.name(),
-                   "value": e.value, "session_id": e.session_id,
-                   "timestamp": recd::clock::format_timestamp(e.ts)})
-        })
-        .collect();
-    for chunk in events.chunks(1000) {
-        let reply: Value = app
-            .post("/v1/events", &json!({"events": chunk}))
-            .await
-            .json()
-            .await
-            .unwrap();
-        assert!(reply["rejected"].as_array().unwrap().is_empty(), "{reply}");
-    }
+    crate::serving::send_shop(app, &shop).await;
     shop
 }
 

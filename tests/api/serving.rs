@@ -35,6 +35,13 @@ pub async fn seed_shop(app: &TestApp, users: usize) -> recd::demo::DemoShop {
         },
         chrono::Utc::now().timestamp_millis() - 60_000,
     );
+    send_shop(app, &shop).await;
+    shop
+}
+
+/// Sends a generated shop's items and events through the API, and brings
+/// the background figures up to date.
+pub async fn send_shop(app: &TestApp, shop: &recd::demo::DemoShop) {
     let items: Vec<Value> = shop
         .items
         .iter()
@@ -60,7 +67,6 @@ pub async fn seed_shop(app: &TestApp, users: usize) -> recd::demo::DemoShop {
         assert!(reply["rejected"].as_array().unwrap().is_empty(), "{reply}");
     }
     app.refresh_figures().await;
-    shop
 }
 
 /// Starts a training and waits for its end; returns `GET /v1/model`.
