@@ -48,6 +48,63 @@ macro_rules! on_writer {
     };
 }
 
+/// The CTEs that cut each user's events into sessions and measure the gaps
+/// between them, the rules of `crate::profile::sessions`: `sessionless`,
+/// `numbered`, `sessions` (`user_id`, `start_ts`, `end_ts`), `raw_gaps`,
+/// `gaps` and `ranked_gaps` (`user_id`, `gap`, its `pos` in the user's
+/// gaps and their `cnt`), each followed by a comma. `$events` is the table
+/// or CTE read, `$filter` an ` AND ...` on it (or empty), `$gap` the
+/// parameter that holds the session gap in ms.
+macro_rules! session_gaps_sql {
+    ($events:literal, $filter:literal, $gap:literal) => {
+        concat!(
+            "sessionless AS (
+    SELECT user_id, ts, seq, ts - LAG(ts) OVER (PARTITION BY user_id ORDER BY ts, seq) AS since_prev
+    FROM ",
+            $events,
+            " WHERE session_id IS NULL",
+            $filter,
+            "
+),
+numbered AS (
+    SELECT user_id, ts,
+           SUM(CASE WHEN since_prev IS NULL OR since_prev > ",
+            $gap,
+            " THEN 1 ELSE 0 END)
+               OVER (PARTITION BY user_id ORDER BY ts, seq ROWS UNBOUNDED PRECEDING) AS session_no
+    FROM sessionless
+),
+sessions AS (
+    SELECT user_id, MIN(ts) AS start_ts, MAX(ts) AS end_ts FROM ",
+            $events,
+            "
+    WHERE session_id IS NOT NULL",
+            $filter,
+            " GROUP BY user_id, session_id
+    UNION ALL
+    SELECT user_id, MIN(ts), MAX(ts) FROM numbered GROUP BY user_id, session_no
+),
+raw_gaps AS (
+    SELECT user_id,
+           start_ts - MAX(end_ts) OVER (PARTITION BY user_id ORDER BY start_ts, end_ts
+                                        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS gap
+    FROM sessions
+),
+gaps AS (
+    SELECT user_id, CAST(CASE WHEN gap < 0 THEN 0 ELSE gap END AS DOUBLE PRECISION) AS gap
+    FROM raw_gaps WHERE gap IS NOT NULL
+),
+ranked_gaps AS (
+    SELECT user_id, gap,
+           ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY gap) AS pos,
+           COUNT(*) OVER (PARTITION BY user_id) AS cnt
+    FROM gaps
+),
+"
+        )
+    };
+}
+
 mod coordination;
 mod events;
 mod ids;

@@ -19,40 +19,10 @@ use crate::domain::{EventType, RfmCuts, ShopStats};
 ///   in integers), and on every row the median of the usual gaps.
 ///
 /// Window functions and CTEs read the same in Postgres and SQLite.
-const SHOP_STATS: &str = "
-WITH sessionless AS (
-    SELECT user_id, ts, seq, ts - LAG(ts) OVER (PARTITION BY user_id ORDER BY ts, seq) AS since_prev
-    FROM events WHERE session_id IS NULL AND ts >= $4
-),
-numbered AS (
-    SELECT user_id, ts,
-           SUM(CASE WHEN since_prev IS NULL OR since_prev > $1 THEN 1 ELSE 0 END)
-               OVER (PARTITION BY user_id ORDER BY ts, seq ROWS UNBOUNDED PRECEDING) AS session_no
-    FROM sessionless
-),
-sessions AS (
-    SELECT user_id, MIN(ts) AS start_ts, MAX(ts) AS end_ts FROM events
-    WHERE session_id IS NOT NULL AND ts >= $4 GROUP BY user_id, session_id
-    UNION ALL
-    SELECT user_id, MIN(ts), MAX(ts) FROM numbered GROUP BY user_id, session_no
-),
-raw_gaps AS (
-    SELECT user_id,
-           start_ts - MAX(end_ts) OVER (PARTITION BY user_id ORDER BY start_ts, end_ts
-                                        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS gap
-    FROM sessions
-),
-gaps AS (
-    SELECT user_id, CAST(CASE WHEN gap < 0 THEN 0 ELSE gap END AS DOUBLE PRECISION) AS gap
-    FROM raw_gaps WHERE gap IS NOT NULL
-),
-ranked_gaps AS (
-    SELECT user_id, gap,
-           ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY gap) AS pos,
-           COUNT(*) OVER (PARTITION BY user_id) AS cnt
-    FROM gaps
-),
-usual_gaps AS (
+const SHOP_STATS: &str = concat!(
+    "\nWITH ",
+    session_gaps_sql!("events", " AND ts >= $4", "$1"),
+    "usual_gaps AS (
     SELECT CASE WHEN AVG(gap) < $2 THEN $2 ELSE AVG(gap) END AS usual
     FROM ranked_gaps WHERE pos = (cnt + 1) / 2 OR pos = (cnt + 2) / 2
     GROUP BY user_id
@@ -84,7 +54,8 @@ SELECT MAX(CASE WHEN r.r_rank = (r.n * f.k + 4) / 5 THEN r.last_ts END) AS last_
        MAX(CASE WHEN r.m_rank = (r.n * f.k + 4) / 5 THEN r.spend END) AS spend,
        (SELECT AVG(usual) FROM ranked_usual WHERE pos = (cnt + 1) / 2 OR pos = (cnt + 2) / 2) AS usual_gap
 FROM ranked r CROSS JOIN fifths f
-GROUP BY f.k ORDER BY f.k";
+GROUP BY f.k ORDER BY f.k"
+);
 
 impl Store {
     /// The shop-wide figures profiles are scored against: RFM quintile cuts

@@ -20,7 +20,8 @@ use crate::profile::Measures;
 /// start then end, at least 0) and the purchase spend (`$3` is the purchase
 /// type code). The same rules as `crate::profile::sessions` and the shop
 /// statistics' query.
-const USER_MEASURES: &str = "
+const USER_MEASURES: &str = concat!(
+    "
 WITH batch AS (
     SELECT DISTINCT user_id FROM events WHERE user_id > $1 ORDER BY user_id LIMIT $2
 ),
@@ -28,39 +29,9 @@ ev AS (
     SELECT e.user_id, e.ts, e.seq, e.session_id, e.kind, e.value
     FROM events e JOIN batch b ON b.user_id = e.user_id
 ),
-sessionless AS (
-    SELECT user_id, ts, seq, ts - LAG(ts) OVER (PARTITION BY user_id ORDER BY ts, seq) AS since_prev
-    FROM ev WHERE session_id IS NULL
-),
-numbered AS (
-    SELECT user_id, ts,
-           SUM(CASE WHEN since_prev IS NULL OR since_prev > $4 THEN 1 ELSE 0 END)
-               OVER (PARTITION BY user_id ORDER BY ts, seq ROWS UNBOUNDED PRECEDING) AS session_no
-    FROM sessionless
-),
-sessions AS (
-    SELECT user_id, MIN(ts) AS start_ts, MAX(ts) AS end_ts FROM ev
-    WHERE session_id IS NOT NULL GROUP BY user_id, session_id
-    UNION ALL
-    SELECT user_id, MIN(ts), MAX(ts) FROM numbered GROUP BY user_id, session_no
-),
-raw_gaps AS (
-    SELECT user_id,
-           start_ts - MAX(end_ts) OVER (PARTITION BY user_id ORDER BY start_ts, end_ts
-                                        ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS gap
-    FROM sessions
-),
-gaps AS (
-    SELECT user_id, CAST(CASE WHEN gap < 0 THEN 0 ELSE gap END AS DOUBLE PRECISION) AS gap
-    FROM raw_gaps WHERE gap IS NOT NULL
-),
-ranked_gaps AS (
-    SELECT user_id, gap,
-           ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY gap) AS pos,
-           COUNT(*) OVER (PARTITION BY user_id) AS cnt
-    FROM gaps
-),
-median_gaps AS (
+",
+    session_gaps_sql!("ev", "", "$4"),
+    "median_gaps AS (
     SELECT user_id, CAST(AVG(gap) AS DOUBLE PRECISION) AS gap
     FROM ranked_gaps WHERE pos = (cnt + 1) / 2 OR pos = (cnt + 2) / 2
     GROUP BY user_id
@@ -77,7 +48,8 @@ SELECT p.user_id, p.first_ts, p.last_ts, s.sessions, g.gap, p.spend
 FROM per_user p
 JOIN session_counts s ON s.user_id = p.user_id
 LEFT JOIN median_gaps g ON g.user_id = p.user_id
-ORDER BY p.user_id";
+ORDER BY p.user_id"
+);
 
 /// One user's computed segment, as the job writes it (`user_id` as stored).
 #[derive(Debug, Clone)]
