@@ -102,6 +102,7 @@ fn scoring(c: &mut Criterion) {
         last_seq: 0,
         scratch_at_ms: 0,
         continued_from: None,
+        churn: None,
     };
     let ids = (0..ITEMS).map(|i| format!("i{i}")).collect();
     let neighbours = recd::model::knn::Neighbours::build(ITEMS, std::iter::empty(), 10);

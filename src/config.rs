@@ -30,6 +30,9 @@ pub struct Settings {
     #[serde(deserialize_with = "crate::store::optional_id_key")]
     pub id_key: Option<crate::store::IdKey>,
     pub log_format: LogFormat,
+    /// With `serve --demo`: events per minute the simulated storefront
+    /// sends through the API (0: none).
+    pub demo_traffic: u32,
     /// `None` when `0`: no automatic training at all.
     #[serde(deserialize_with = "optional_duration")]
     pub train_interval: Option<Duration>,
@@ -105,6 +108,28 @@ pub struct Settings {
     /// background this often when events arrived or were retired.
     #[serde(deserialize_with = "duration")]
     pub segments_refresh: Duration,
+    /// Every replica writes its heartbeat (`GET /v1/replicas`) this often;
+    /// it is healthy while its last is at most three of these old.
+    #[serde(deserialize_with = "duration")]
+    pub heartbeat_interval: Duration,
+    /// The overview's active shoppers and store counts are counted in the
+    /// background this often.
+    #[serde(deserialize_with = "duration")]
+    pub overview_refresh: Duration,
+    /// Events, answers and clicks per minute are kept this long.
+    #[serde(deserialize_with = "duration")]
+    pub minute_stats_retention: Duration,
+    /// Events per item and day are kept this long.
+    #[serde(deserialize_with = "duration")]
+    pub item_activity_retention: Duration,
+    /// Ingest's pending per-minute counts and clicks (PostgreSQL) are
+    /// folded in this often.
+    #[serde(deserialize_with = "duration")]
+    pub minute_stats_fold: Duration,
+    /// Ingest's pending per-item counts are folded into the per-day ones
+    /// this often.
+    #[serde(deserialize_with = "duration")]
+    pub item_activity_fold: Duration,
     /// A scheduled training continues from the served model's weights
     /// unless the training from scratch it descends from is this old (then
     /// it starts from scratch).

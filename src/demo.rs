@@ -1,7 +1,10 @@
 //! A generated shop: items in categories and shoppers whose sessions follow
 //! patterns a sequence model can learn (each category's items are browsed in a
 //! typical order, carts and purchases follow views). `recd serve --demo` seeds
-//! an empty store with it; the benchmarks use it scaled up.
+//! an empty store with it and keeps simulated shoppers coming
+//! ([`storefront`]); the benchmarks use it scaled up.
+
+pub mod storefront;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

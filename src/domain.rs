@@ -136,6 +136,10 @@ pub struct TrainingRun {
     pub reason: Option<String>,
     pub version: Option<String>,
     pub replica: Option<String>,
+    /// The candidate's held-out figures as stored: the JSON of
+    /// `model::snapshot::ModelMetrics`; none when it failed before it was
+    /// evaluated.
+    pub metrics: Option<String>,
 }
 
 /// A recommendations response, counted as one impression of its version.

@@ -33,6 +33,7 @@
 //!   [`telemetry`]: logs and metrics; [`demo`]: a generated shop.
 
 pub mod app;
+pub mod churn;
 pub mod clock;
 pub mod config;
 pub mod demo;

@@ -58,7 +58,7 @@ enum Command {
     /// and of the popular and item-kNN baselines.
     Eval {
         /// events.csv: user_id,item_id,type,value,timestamp
-        #[arg(long, required_unless_present = "categories")]
+        #[arg(long, required_unless_present_any = ["categories", "churn"])]
         events: Option<PathBuf>,
         /// items.csv: each item's first category is an input of the model.
         #[arg(long)]
@@ -78,6 +78,11 @@ enum Command {
         /// (--events and --items name other files).
         #[arg(long, value_name = "DIR")]
         categories: Option<PathBuf>,
+        /// Measure churn prediction instead: on a time split of the FILE's
+        /// events (an events.csv), the ROC AUC and PR AUC of the classifier
+        /// a training fits, of the churn formula and of recency alone.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["categories", "replay", "events"])]
+        churn: Option<PathBuf>,
     },
 }
 
@@ -98,8 +103,12 @@ fn main() -> anyhow::Result<()> {
         json,
         replay,
         categories,
+        churn,
     } = &cli.command
     {
+        if let Some(file) = churn {
+            return recd::server::eval_churn(&settings, file, *json);
+        }
         if let Some(dir) = categories {
             let events = events.clone().unwrap_or_else(|| dir.join("events.csv"));
             let items = items.clone().unwrap_or_else(|| dir.join("items.csv"));

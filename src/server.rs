@@ -53,6 +53,10 @@ pub fn check_listen_address(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One demo item in this many is seeded without categories (item-29,
+/// item-59, ...).
+const UNCATEGORISED: usize = 30;
+
 /// Seeds an empty store with the demo shop.
 pub async fn seed_demo(store: &Store) -> anyhow::Result<()> {
     if store.count_events().await? > 0 {
@@ -60,7 +64,12 @@ pub async fn seed_demo(store: &Store) -> anyhow::Result<()> {
         return Ok(());
     }
     let now = now_ms();
-    let shop = crate::demo::generate(crate::demo::DemoSize::default(), now);
+    let mut shop = crate::demo::generate(crate::demo::DemoSize::default(), now);
+    // Some items come without categories, as in many a shop's feed: the
+    // model suggests theirs from how they are shopped.
+    for item in shop.items.iter_mut().skip(UNCATEGORISED - 1).step_by(UNCATEGORISED) {
+        item.categories.clear();
+    }
     store.put_items(&shop.items, now).await?;
     for chunk in shop.events.chunks(1000) {
         store.insert_events(chunk, now).await?;
@@ -90,6 +99,9 @@ pub async fn run(settings: Settings, demo: bool) -> anyhow::Result<()> {
     if demo && app.serving.model().is_none() {
         // The demo answers personally within a minute, whatever the interval.
         let _ = crate::trainer::start_training(&app, crate::trainer::TrainFrom::Scratch).await;
+    }
+    if demo {
+        tokio::spawn(crate::demo::storefront::run(app.clone()));
     }
     let listener = listen(app.settings.listen).with_context(|| format!("cannot listen on {}", app.settings.listen))?;
     tracing::info!(
@@ -173,6 +185,25 @@ pub fn eval_categories(settings: &Settings, events: &Path, items: &Path, json: b
     Ok(())
 }
 
+/// `recd eval --churn`: churn prediction on a time split of a CSV's events:
+/// the classifier against the formula and recency alone.
+pub fn eval_churn(settings: &Settings, events: &Path, json: bool) -> anyhow::Result<()> {
+    let histories = crate::churn::load_histories_csv(events)?;
+    tracing::info!(users = histories.len(), "events read");
+    let report = crate::churn::evaluate(&histories, settings.train.churn_horizon_days).ok_or_else(|| {
+        anyhow::anyhow!(
+            "too little history for churn prediction: at least {} users at each cutoff, some who came back and some who did not",
+            crate::churn::MIN_USERS
+        )
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&crate::churn::ChurnFigures::from(&report))?);
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
 /// `recd train`: train once on the store's events and save the snapshot.
 pub async fn train_once(settings: &Settings) -> anyhow::Result<()> {
     let store = open_store_waiting(settings).await?;
@@ -223,14 +254,15 @@ pub async fn rotate_id_key(settings: &Settings, new_key: Option<&str>, decrypt: 
         bar.set_length(total);
         bar.set_position(done);
     };
-    let done = Store::rotate_id_key(
-        settings.database_url.expose(),
-        &store_options(settings),
-        new_key.as_ref(),
-        &progress,
-    )
-    .await
-    .with_context(|| format!("cannot rotate the id key of the store at {}", settings.database_url))?;
+    // One connection: every other recd session on the database is then
+    // another process's, which the rotation waits for or refuses.
+    let options = StoreOptions {
+        max_connections: 1,
+        ..store_options(settings)
+    };
+    let done = Store::rotate_id_key(settings.database_url.expose(), &options, new_key.as_ref(), &progress)
+        .await
+        .with_context(|| format!("cannot rotate the id key of the store at {}", settings.database_url))?;
     bar.finish_and_clear();
     let state = |encrypted: bool| if encrypted { "encrypted" } else { "in clear" };
     if done.changed {

@@ -230,6 +230,7 @@ pub async fn prepare_synthetic(args: &Args, cache: &Path) -> anyhow::Result<Prep
             last_seq: store.max_event_seq().await?,
             scratch_at_ms: 0,
             continued_from: None,
+            churn: None,
         };
         let snapshot = ModelSnapshot::new(meta, item_ids, Some(weights), popularity, neighbours);
         let version = snapshot.meta.version.clone();

@@ -5,6 +5,7 @@
 //! them on shutdown (`stop`). The HTTP layer reaches it through axum state
 //! and holds no lifecycle of its own.
 
+mod dashboard;
 mod rating_stats;
 mod segments;
 mod shop_stats;
@@ -23,6 +24,8 @@ use crate::model::ModelSnapshot;
 use crate::recommend::Serving;
 use crate::store::{KnownItems, Locks, Store};
 use crate::trainer::Trainer;
+use dashboard::OverviewCache;
+pub use dashboard::{dashboard_healthy, Overview};
 pub use rating_stats::CategoryRatings;
 use rating_stats::RatingStatsCache;
 use segments::SegmentsCache;
@@ -48,6 +51,11 @@ pub struct Inner {
     rating_stats: RatingStatsCache,
     /// When every shopper's segment was last computed (into the store).
     segments: SegmentsCache,
+    /// The dashboard's overview, counted in the background.
+    overview: OverviewCache,
+    /// When this process opened the app (ms since the epoch), for its
+    /// heartbeat.
+    started_at_ms: i64,
     /// The newest event's time in the store (ms; `i64::MIN` for none) and
     /// the arrival number it was read at, kept by the popular lists' task.
     newest_event: std::sync::atomic::AtomicI64,
@@ -75,6 +83,7 @@ impl App {
     /// are loaded here, before the port is bound, so a restarted service
     /// serves its last model from the first request on.
     pub async fn open(store: Store, settings: Settings) -> anyhow::Result<App> {
+        store.keep_stats(settings.minute_stats_retention, settings.item_activity_retention);
         let app = App(Arc::new(Inner {
             serving: Arc::new(Serving::new(settings.train.max_len, settings.ann).with_suggestions(
                 crate::recommend::SuggestSettings {
@@ -87,6 +96,8 @@ impl App {
             shop_stats: ShopStatsCache::default(),
             rating_stats: RatingStatsCache::default(),
             segments: SegmentsCache::default(),
+            overview: OverviewCache::default(),
+            started_at_ms: now_ms(),
             newest_event: std::sync::atomic::AtomicI64::new(i64::MIN),
             newest_event_seq: std::sync::atomic::AtomicI64::new(i64::MIN),
             tasks: Mutex::new(None),
@@ -203,6 +214,8 @@ impl App {
     pub fn serve_snapshot(&self, snapshot: ModelSnapshot, index: Option<AnnIndex>) {
         record_model_metrics(&snapshot);
         self.serving.publish(snapshot, index);
+        // Its churn classifier (or none) scores the segments from now on.
+        self.segments.mark_stale();
         let Some(model) = self.serving.model() else {
             return;
         };
@@ -287,14 +300,23 @@ impl App {
 
     /// One step of the segments' background task: brings the shop
     /// statistics up to date, then computes every shopper's segment when
-    /// events arrived or were retired since the last computation (or
-    /// always, with `force`); whether it did.
+    /// events arrived or were retired, or a model was served, since the last
+    /// computation (or always, with `force`); whether it did.
     pub async fn refresh_segments(&self, force: bool) -> anyhow::Result<bool> {
         let shop = || async {
             self.refresh_shop_stats(false).await?;
             Ok::<_, anyhow::Error>(self.shop_stats())
         };
-        self.segments.refresh(&self.store, shop, force).await
+        self.segments
+            .refresh(&self.store, shop, self.churn_model(), force)
+            .await
+    }
+
+    /// The churn classifier profiles and segments score with: the served
+    /// model's, when its training chose it over the formula.
+    pub fn churn_model(&self) -> Option<crate::churn::ChurnModel> {
+        let model = self.serving.model()?;
+        model.meta.churn.as_ref()?.serving_model().cloned()
     }
 
     /// One step of the popular lists' background task: recomputes the
@@ -393,5 +415,18 @@ pub fn record_model_metrics(snapshot: &ModelSnapshot) {
     for (method, figures) in [("model", &m.model), ("popular", &m.popular), ("item_knn", &m.item_knn)] {
         metrics::gauge!("recd_model_metric", "method" => method, "metric" => "hr@10").set(figures.hr);
         metrics::gauge!("recd_model_metric", "method" => method, "metric" => "ndcg@10").set(figures.ndcg);
+    }
+    if let Some(churn) = &snapshot.meta.churn {
+        let m = &churn.methods;
+        for (method, figures) in [
+            ("classifier", &m.classifier),
+            ("formula", &m.formula),
+            ("recency", &m.recency),
+        ] {
+            metrics::gauge!("recd_churn_metric", "method" => method, "metric" => "roc_auc").set(figures.roc_auc);
+            metrics::gauge!("recd_churn_metric", "method" => method, "metric" => "pr_auc").set(figures.pr_auc);
+        }
+        let classifier = churn.serving_model().is_some();
+        metrics::gauge!("recd_churn_classifier_used").set(if classifier { 1.0 } else { 0.0 });
     }
 }

@@ -13,6 +13,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwapOption;
 
+use crate::churn::ChurnModel;
 use crate::clock::now_ms;
 use crate::domain::ShopStats;
 use crate::profile::{score, SESSION_GAP_MS};
@@ -52,10 +53,17 @@ impl SegmentsCache {
     }
 
     /// Computes every shopper's segment when events arrived since the last
-    /// computation (or always, with `force`); whether it did. `shop` gives
-    /// the shop statistics to score against, once they are brought up to
-    /// date.
-    pub(super) async fn refresh<F, Fut>(&self, store: &Store, shop: F, force: bool) -> anyhow::Result<bool>
+    /// computation, or a new model was served (or always, with `force`);
+    /// whether it did. `shop` gives the shop statistics to score against,
+    /// once they are brought up to date; `churn` the served model's churn
+    /// classifier, when it was chosen.
+    pub(super) async fn refresh<F, Fut>(
+        &self,
+        store: &Store,
+        shop: F,
+        churn: Option<ChurnModel>,
+        force: bool,
+    ) -> anyhow::Result<bool>
     where
         F: FnOnce() -> Fut,
         Fut: std::future::Future<Output = anyhow::Result<Arc<ShopStats>>>,
@@ -67,7 +75,7 @@ impl SegmentsCache {
         if !force && !stale && previous.map(|p| p.through_seq) == Some(through_seq) {
             return Ok(false);
         }
-        let result = self.compute(store, shop, through_seq, previous).await;
+        let result = self.compute(store, shop, churn.as_ref(), through_seq, previous).await;
         if result.is_err() && stale {
             self.stale.store(true, Ordering::Release);
         }
@@ -78,6 +86,7 @@ impl SegmentsCache {
         &self,
         store: &Store,
         shop: F,
+        churn: Option<&ChurnModel>,
         through_seq: i64,
         previous: Option<SegmentsComputed>,
     ) -> anyhow::Result<()>
@@ -100,7 +109,7 @@ impl SegmentsCache {
             let rows: Vec<SegmentRow> = batch
                 .into_iter()
                 .map(|(user_id, measures)| {
-                    let scores = score(&measures, &shop, as_of_ms.unwrap_or(i64::MIN));
+                    let scores = score(&measures, &shop, as_of_ms.unwrap_or(i64::MIN), churn);
                     SegmentRow {
                         user_id,
                         segment: scores.segment.name(),

@@ -16,6 +16,8 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 const RETIRE_EVERY: Duration = Duration::from_secs(600);
 /// Impressions older than `impressions_retention` are forgotten this often.
 const CLEANUP_EVERY: Duration = Duration::from_secs(600);
+/// The dashboard's counts past their retention are deleted this often.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 pub(super) fn spawn_all(app: &App) -> Vec<JoinHandle<()>> {
     let mut tasks = vec![
@@ -28,6 +30,11 @@ pub(super) fn spawn_all(app: &App) -> Vec<JoinHandle<()>> {
         tokio::spawn(refresh_segments(app.clone())),
         tokio::spawn(refresh_popular(app.clone())),
         tokio::spawn(retire_events(app.clone())),
+        tokio::spawn(heartbeat(app.clone())),
+        tokio::spawn(refresh_overview(app.clone())),
+        tokio::spawn(prune_stats(app.clone())),
+        tokio::spawn(fold_item_activity(app.clone())),
+        tokio::spawn(fold_minutes(app.clone())),
     ];
     if !app.store.one_process() {
         tasks.push(tokio::spawn(listen(app.clone())));
@@ -118,6 +125,66 @@ async fn retire_events(app: App) {
         if let Err(e) = app.retire_events().await {
             metrics::counter!("recd_background_failures_total", "task" => "retention").increment(1);
             tracing::warn!(error = %e, "cannot retire old events");
+        }
+    }
+}
+
+/// This replica's heartbeat, at once and then every `heartbeat_interval`.
+async fn heartbeat(app: App) {
+    let every = app.settings.heartbeat_interval.max(Duration::from_millis(100));
+    loop {
+        if let Err(e) = app.heartbeat().await {
+            metrics::counter!("recd_background_failures_total", "task" => "heartbeat").increment(1);
+            tracing::warn!(error = %e, "cannot write the heartbeat");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// The overview's counts, at once and then every `overview_refresh`.
+async fn refresh_overview(app: App) {
+    let every = app.settings.overview_refresh.max(Duration::from_secs(1));
+    loop {
+        if let Err(e) = app.refresh_overview().await {
+            metrics::counter!("recd_background_failures_total", "task" => "overview").increment(1);
+            tracing::warn!(error = %e, "cannot count the overview");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Ingest's pending per-minute counts and clicks, folded every
+/// `minute_stats_fold`.
+async fn fold_minutes(app: App) {
+    let every = app.settings.minute_stats_fold.max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = app.fold_minutes().await {
+            metrics::counter!("recd_background_failures_total", "task" => "minute_stats_fold").increment(1);
+            tracing::warn!(error = %e, "cannot fold the per-minute counts");
+        }
+    }
+}
+
+/// Ingest's pending per-item counts, folded every `item_activity_fold`.
+async fn fold_item_activity(app: App) {
+    let every = app.settings.item_activity_fold.max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = app.fold_item_activity().await {
+            metrics::counter!("recd_background_failures_total", "task" => "item_activity_fold").increment(1);
+            tracing::warn!(error = %e, "cannot fold the per-item counts");
+        }
+    }
+}
+
+/// The dashboard's counts past their retention, every `PRUNE_EVERY`.
+async fn prune_stats(app: App) {
+    loop {
+        tokio::time::sleep(PRUNE_EVERY).await;
+        if let Err(e) = app.prune_stats().await {
+            metrics::counter!("recd_background_failures_total", "task" => "stats_pruning").increment(1);
+            tracing::warn!(error = %e, "cannot prune the dashboard's counts");
         }
     }
 }

@@ -55,6 +55,22 @@ pub(super) fn needed_scope(method: &Method, path: &str) -> (Scope, &'static str)
     }
 }
 
+/// The route that tells a caller what its key may do: any key's holder may
+/// ask, and so may a caller without one (to learn that a key is needed).
+pub(super) const KEY_ROUTE: &str = "/v1/key";
+
+/// Who is calling, as the key check found: passed to the handlers in the
+/// request's extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Access {
+    /// No keys are configured: everything is allowed (loopback only).
+    Open,
+    /// A valid key of this scope.
+    Key(Scope),
+    /// No key presented, on the one route that allows it.
+    Anonymous,
+}
+
 pub(super) async fn require_scope(
     State(state): State<AppState>,
     mut request: Request,
@@ -62,6 +78,7 @@ pub(super) async fn require_scope(
 ) -> Result<Response, ApiError> {
     if state.keys.0.is_empty() {
         // No keys configured: `serve` only listens on loopback then.
+        request.extensions_mut().insert(Access::Open);
         return Ok(next.run(request).await);
     }
     let presented = request
@@ -69,13 +86,22 @@ pub(super) async fn require_scope(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .ok_or(ApiError::Unauthorized)?;
+        .map(str::trim);
+    let is_key_route = request.uri().path() == KEY_ROUTE;
+    let Some(presented) = presented else {
+        if is_key_route {
+            // Asking whether a key is needed needs none.
+            request.extensions_mut().insert(Access::Anonymous);
+            return Ok(next.run(request).await);
+        }
+        return Err(ApiError::Unauthorized);
+    };
     let (scope, key) = state.keys.scope_of(presented).ok_or(ApiError::Unauthorized)?;
     let (needed, action) = needed_scope(request.method(), request.uri().path());
-    if !scope.allows(needed) {
+    if !is_key_route && !scope.allows(needed) {
         return Err(ApiError::Forbidden(action));
     }
+    request.extensions_mut().insert(Access::Key(scope));
     // The rate limit counts the request against this key.
     request.extensions_mut().insert(super::rate_limit::Caller::Key(key));
     Ok(next.run(request).await)

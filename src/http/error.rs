@@ -218,3 +218,23 @@ impl IntoResponse for ApiError {
         response
     }
 }
+
+/// The whole-number query parameter `name`, from 1 to `max`; `default` when
+/// absent. A bad value is recorded in `errors` (naming it) and `default`
+/// stands in, so every other parameter is still checked.
+pub(crate) fn page_limit(
+    params: &std::collections::HashMap<String, String>,
+    name: &'static str,
+    default: i64,
+    max: i64,
+    errors: &mut Vec<Invalid>,
+) -> i64 {
+    let Some(text) = params.get(name) else { return default };
+    text.parse::<i64>()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .unwrap_or_else(|| {
+            errors.push(Invalid::new(name, format!("must be a whole number from 1 to {max}")));
+            default
+        })
+}

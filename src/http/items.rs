@@ -1,13 +1,16 @@
-//! The catalogue: `PUT/GET/DELETE /v1/items/{item_id}` and bulk `POST /v1/items`.
+//! The catalogue: `PUT/GET/DELETE /v1/items/{item_id}`, bulk `POST /v1/items`
+//! and `GET /v1/items`, a search a page at a time.
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -20,10 +23,11 @@ use crate::domain::{Item, RatingTotals};
 use crate::ingest::{check_id, FieldError};
 use crate::model::suggest::SuggestedCategory;
 use crate::ratings::{summarise, window_starts, RatingSummary};
+use crate::store::ItemSearch;
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(put_many))
+        .routes(routes!(put_many, search))
         .routes(routes!(get_one, put_one, delete_one))
         .routes(routes!(stats))
 }
@@ -331,6 +335,135 @@ async fn get_one(State(state): State<AppState>, Path(item_id): Path<String>) -> 
         item,
         suggested_categories,
     }))
+}
+
+/// Items per page unless `limit` says otherwise.
+const DEFAULT_PAGE: i64 = 20;
+/// The most items a page may ask for.
+const MAX_PAGE: i64 = 100;
+/// The longest `q`, in characters (as a title).
+const MAX_QUERY_CHARS: usize = MAX_TITLE_CHARS;
+
+/// The parameters of `GET /v1/items`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct SearchQuery {
+    /// Items whose id starts with it or whose title contains it, ignoring
+    /// case (on SQLite, of ASCII letters only). Empty or absent: every item.
+    #[param(max_length = 1000)]
+    q: Option<String>,
+    /// Only items with this category among theirs (exactly).
+    #[param(min_length = 1, max_length = 256)]
+    category: Option<String>,
+    /// Items per page.
+    #[param(minimum = 1, maximum = 100, default = 20)]
+    limit: Option<u32>,
+    /// `next_cursor` of the previous page; absent for the first.
+    cursor: Option<String>,
+}
+
+/// A page of items.
+#[derive(Serialize, ToSchema)]
+struct ItemPage {
+    /// In item id order, each as `GET /v1/items/{item_id}` gives it.
+    items: Vec<ItemOut>,
+    /// Pass as `cursor` for the next page; `null` on the last.
+    next_cursor: Option<String>,
+}
+
+/// The search, validated: every bad parameter named in one 422.
+fn parse_search(params: &HashMap<String, String>) -> ApiResult<(Option<String>, Option<String>, String, i64)> {
+    let mut errors = Vec::new();
+    let q = params.get("q").filter(|q| !q.is_empty()).cloned();
+    if q.as_ref().is_some_and(|q| q.chars().count() > MAX_QUERY_CHARS) {
+        errors.push(Invalid::new(
+            "q",
+            format!("must be at most {MAX_QUERY_CHARS} characters"),
+        ));
+    }
+    let category = params.get("category").cloned();
+    if category
+        .as_ref()
+        .is_some_and(|c| c.is_empty() || c.chars().count() > 256)
+    {
+        errors.push(Invalid::new("category", "must be 1 to 256 characters"));
+    }
+    let limit = super::error::page_limit(params, "limit", DEFAULT_PAGE, MAX_PAGE, &mut errors);
+    // The cursor is the last id of the previous page, in hex.
+    let after = match params.get("cursor") {
+        None => String::new(),
+        Some(cursor) => hex::decode(cursor)
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| {
+                errors.push(Invalid::new("cursor", "not a cursor this API gave"));
+                String::new()
+            }),
+    };
+    if !errors.is_empty() {
+        return Err(ApiError::invalid(errors));
+    }
+    Ok((q, category, after, limit))
+}
+
+/// Searches the catalogue, a page at a time.
+///
+/// Live items (not deleted) whose id starts with `q` or whose title
+/// contains it, ignoring case, and that have `category` among their
+/// categories; both optional. In item id order; each page's `next_cursor`
+/// continues after its last item, so paging through lists every match
+/// once.
+#[utoipa::path(
+    get,
+    path = "/v1/items",
+    tag = "catalogue",
+    params(SearchQuery),
+    responses(
+        (status = 200, description = "A page of matching items", body = ItemPage),
+        (status = 422, description = "`invalid-fields`: a bad `q`, `category`, `limit` or `cursor`",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn search(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<ItemPage>> {
+    let (q, category, after, limit) = parse_search(&params)?;
+    // One more than asked says whether a next page exists.
+    let mut items = state
+        .store
+        .search_items(&ItemSearch {
+            text: q.as_deref(),
+            category: category.as_deref(),
+            after: &after,
+            limit: limit + 1,
+        })
+        .await?;
+    let page = usize::try_from(limit).unwrap_or(usize::MAX);
+    let more = items.len() > page;
+    items.truncate(page);
+    let next_cursor = if more {
+        items.last().map(|i| hex::encode(&i.item_id))
+    } else {
+        None
+    };
+    let items = items
+        .into_iter()
+        .map(|item| {
+            let suggested_categories = if item.categories.is_empty() {
+                state.serving.suggested_categories(&item.item_id)
+            } else {
+                Vec::new()
+            };
+            ItemOut {
+                item,
+                suggested_categories,
+            }
+        })
+        .collect();
+    Ok(Json(ItemPage { items, next_cursor }))
 }
 
 /// Marks the item deleted.

@@ -22,6 +22,7 @@
 mod admission;
 mod auth;
 pub mod conn;
+mod dashboard;
 pub mod error;
 mod events;
 mod items;
@@ -32,6 +33,7 @@ mod profile;
 mod rate_limit;
 mod recommend;
 mod segments;
+mod stats;
 mod users;
 
 use std::sync::Arc;
@@ -114,6 +116,8 @@ pub fn router(app: App) -> Router {
         .merge(segments::router())
         .merge(recommend::router())
         .merge(model::router())
+        .merge(dashboard::router())
+        .merge(stats::router())
         .route_layer(middleware::from_fn_with_state(
             settings.body_read_timeout,
             read_body_within,
@@ -128,6 +132,7 @@ pub fn router(app: App) -> Router {
     let document = serde_json::to_vec(&openapi::document(document)).expect("the OpenAPI document serialises");
 
     let mut router = routes
+        .merge(dashboard::pages())
         .layer(Extension(ops::Document(document.into())))
         .route_layer(middleware::from_fn(remember_route))
         .layer(DefaultBodyLimit::max(MAX_INFLATED_BODY))

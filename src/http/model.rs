@@ -1,5 +1,6 @@
 //! `GET /v1/model`: the served snapshot, its online figures and the
-//! trainings; `POST /v1/model/train` (admin): train now.
+//! trainings; `GET /v1/model/embeddings`: its items on a 2-D map;
+//! `POST /v1/model/train` (admin): train now.
 
 use std::collections::HashMap;
 
@@ -13,15 +14,19 @@ use utoipa_axum::routes;
 
 use super::error::{ApiError, Invalid, Problem};
 use super::{ApiResult, AppState};
+use crate::churn::ChurnFigures;
 use crate::clock::format_timestamp;
 use crate::domain::{OnlineStats, TrainingOutcome, TrainingRun};
-use crate::model::snapshot::SnapshotKind;
+use crate::model::snapshot::{ModelMetrics, SnapshotKind};
 use crate::model::Metrics;
 use crate::recommend::{IndexInfo, WarmInfo};
 use crate::trainer::{Busy, TrainFrom};
 
 pub(super) fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(show)).routes(routes!(train))
+    OpenApiRouter::new()
+        .routes(routes!(show))
+        .routes(routes!(train))
+        .routes(routes!(embeddings))
 }
 
 /// Trainings shown in `history`.
@@ -42,6 +47,9 @@ struct ModelView {
     users: Option<u64>,
     items: Option<u64>,
     metrics: Option<HeldOut>,
+    /// Churn prediction as the served model's training measured it on a
+    /// time split; `null` before a training that could (too little history).
+    churn: Option<ChurnFigures>,
     index: Option<IndexInfo>,
     warm: Option<WarmInfo>,
     /// Per model version, oldest first, over the last `impressions_retention`.
@@ -99,10 +107,29 @@ struct Training {
     /// The candidate's version, published or not.
     version: Option<String>,
     replica: Option<String>,
+    /// The candidate's held-out figures and the baselines', on the
+    /// training's own leave-one-out test, whether it was published or
+    /// rejected; `null` while running and when it failed before it was
+    /// evaluated.
+    metrics: Option<HeldOut>,
+}
+
+impl From<&ModelMetrics> for HeldOut {
+    fn from(m: &ModelMetrics) -> Self {
+        HeldOut {
+            model: (&m.model).into(),
+            popular: (&m.popular).into(),
+            item_knn: (&m.item_knn).into(),
+        }
+    }
 }
 
 impl From<&TrainingRun> for Training {
     fn from(run: &TrainingRun) -> Self {
+        let metrics = run
+            .metrics
+            .as_deref()
+            .and_then(|json| serde_json::from_str::<ModelMetrics>(json).ok());
         Training {
             started_at: format_timestamp(run.started_at),
             finished_at: run.finished_at.map(format_timestamp),
@@ -110,6 +137,7 @@ impl From<&TrainingRun> for Training {
             reason: run.reason.clone(),
             version: run.version.clone(),
             replica: run.replica.clone(),
+            metrics: metrics.as_ref().map(HeldOut::from),
         }
     }
 }
@@ -166,11 +194,8 @@ async fn show(State(state): State<AppState>) -> ApiResult<Json<ModelView>> {
         events: meta.map(|m| m.events),
         users: meta.map(|m| m.users),
         items: meta.map(|m| m.items),
-        metrics: meta.map(|m| HeldOut {
-            model: (&m.metrics.model).into(),
-            popular: (&m.metrics.popular).into(),
-            item_knn: (&m.metrics.item_knn).into(),
-        }),
+        metrics: meta.map(|m| HeldOut::from(&m.metrics)),
+        churn: meta.and_then(|m| m.churn.as_ref()).map(ChurnFigures::from),
         index: state.serving.index_info(),
         warm: state.serving.warm_info(),
         online,
@@ -244,5 +269,152 @@ async fn train(
     match crate::trainer::start_training(&state.app, from).await {
         Ok(()) => Ok((StatusCode::ACCEPTED, Json(Started { status: "started" }))),
         Err(busy @ (Busy::Here | Busy::Elsewhere)) => Err(ApiError::Conflict(busy.to_string())),
+    }
+}
+
+/// Points on the map unless `limit` says otherwise.
+const DEFAULT_POINTS: usize = 2000;
+/// The most points one answer may ask for.
+const MAX_POINTS: usize = 50_000;
+
+/// The parameters of `GET /v1/model/embeddings`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+struct EmbeddingsQuery {
+    /// How many items: the most popular ones.
+    #[param(minimum = 1, maximum = 50000, default = 2000)]
+    limit: Option<u32>,
+}
+
+/// The served model's items on a 2-D map.
+#[derive(Serialize, ToSchema)]
+#[schema(example = json!({"version": "20261128153405372", "total": 360, "points": [
+    {"item_id": "item-3", "x": 0.82, "y": -0.31, "category": "shoes", "title": "Trail shoe"}]}))]
+struct Embeddings {
+    /// The served model's version; `null` while no model with a network is
+    /// served (none yet, or one trained on too little data for a network).
+    version: Option<String>,
+    /// Items on the whole map (the model's items), of which `points` holds
+    /// the `limit` most popular; 0 when there is no map.
+    total: usize,
+    /// The most popular items first (by their interactions in the model's
+    /// training data). Empty without a map: no network model, or one
+    /// trained before maps were made (until the next training).
+    points: Vec<Point>,
+}
+
+/// An item's place on the map.
+#[derive(Serialize, ToSchema)]
+struct Point {
+    item_id: String,
+    /// The first principal component of the item embeddings.
+    x: f32,
+    /// The second.
+    y: f32,
+    /// The item's first category, as the catalogue holds it now; `null`
+    /// when it has none.
+    category: Option<String>,
+    /// The item's title now; `null` when it has none.
+    title: Option<String>,
+}
+
+/// The `n` dense indexes of the most popular items, most popular first
+/// (ties: the lower index first).
+fn most_popular(popularity: &[f32], items: usize, n: usize) -> Vec<u32> {
+    let count = |i: u32| popularity.get(i as usize).copied().unwrap_or(0.0);
+    let order = |a: &u32, b: &u32| count(*b).total_cmp(&count(*a)).then(a.cmp(b));
+    let mut indexes: Vec<u32> = (1..=items as u32).collect();
+    if n < indexes.len() {
+        indexes.select_nth_unstable_by(n, order);
+        indexes.truncate(n);
+    }
+    indexes.sort_unstable_by(order);
+    indexes
+}
+
+/// The served model's item embeddings on a 2-D map, for the dashboard.
+///
+/// Each item's coordinates on the first two principal components of the
+/// model's item embeddings (PCA), computed when the model was trained and
+/// stored with its snapshot; the `limit` most popular items, with their
+/// first category and title from the catalogue now. The map holds no user
+/// data. The axes' scale and sign mean nothing across versions.
+#[utoipa::path(
+    get,
+    path = "/v1/model/embeddings",
+    tag = "model",
+    params(EmbeddingsQuery),
+    responses(
+        (status = 200, description = "The map (empty points without one)", body = Embeddings),
+        (status = 422, description = "`invalid-fields`: `limit` is not a whole number from 1 to 50,000",
+            body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn embeddings(
+    State(state): State<AppState>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult<Json<Embeddings>> {
+    let limit = match params.get("limit") {
+        None => DEFAULT_POINTS,
+        Some(text) => match text.parse::<usize>() {
+            Ok(n) if (1..=MAX_POINTS).contains(&n) => n,
+            _ => {
+                return Err(ApiError::field(
+                    "limit",
+                    format!("must be a whole number from 1 to {MAX_POINTS}"),
+                ))
+            }
+        },
+    };
+    let model = state.serving.model().filter(|m| m.meta.kind == SnapshotKind::Network);
+    let Some(model) = model else {
+        return Ok(Json(Embeddings {
+            version: None,
+            total: 0,
+            points: Vec::new(),
+        }));
+    };
+    let version = Some(model.meta.version.clone());
+    if model.projection.is_none() {
+        return Ok(Json(Embeddings {
+            version,
+            total: 0,
+            points: Vec::new(),
+        }));
+    }
+    let catalogue = state.serving.catalogue.view();
+    let points = most_popular(&model.popularity, model.items(), limit)
+        .into_iter()
+        .filter_map(|index| {
+            let (x, y) = model.point(index).filter(|(x, y)| x.is_finite() && y.is_finite())?;
+            let item_id = model.item_id(index);
+            Some(Point {
+                item_id: item_id.to_owned(),
+                x,
+                y,
+                category: catalogue.categories(item_id).first().cloned(),
+                title: catalogue.title(item_id).map(str::to_owned),
+            })
+        })
+        .collect();
+    Ok(Json(Embeddings {
+        version,
+        total: model.items(),
+        points,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::most_popular;
+
+    #[test]
+    fn the_most_popular_come_first_ties_by_index() {
+        let popularity = [0.0, 3.0, 9.0, 3.0, 1.0, 9.0];
+        assert_eq!(most_popular(&popularity, 5, 3), [2, 5, 1]);
+        assert_eq!(most_popular(&popularity, 5, 5), [2, 5, 1, 3, 4]);
+        assert_eq!(most_popular(&popularity, 5, 50), [2, 5, 1, 3, 4]);
+        assert_eq!(most_popular(&popularity, 5, 1), [2]);
     }
 }

@@ -15,7 +15,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{ContentBuilder, HeaderBuilder, OpenApi, Ref, RefOr};
 use utoipa::{Modify, OpenApi as _, PartialSchema, ToSchema};
 
-use super::auth::needed_scope;
+use super::auth::{needed_scope, KEY_ROUTE};
 use super::error::{Problem, PROBLEM_JSON};
 
 /// The name of the API-key security scheme.
@@ -64,6 +64,7 @@ impl ToSchema for Id {}
         (name = "recommendations", description = "What to show"),
         (name = "users", description = "Profiles and erasure"),
         (name = "model", description = "The served model and its trainings"),
+        (name = "stats", description = "The dashboard's figures: series, overview, replicas"),
         (name = "ops", description = "Health, readiness, metrics and this document; no key needed"),
     ),
     components(schemas(Problem)),
@@ -130,7 +131,15 @@ impl Modify for Shared {
                 let Some(operation) = operation else { continue };
                 if api {
                     let (scope, _) = needed_scope(&method, path);
-                    operation.security = Some(vec![SecurityRequirement::new(API_KEY, [scope.name()])]);
+                    operation.security = Some(if path == KEY_ROUTE {
+                        // Any key, or none.
+                        vec![
+                            SecurityRequirement::default(),
+                            SecurityRequirement::new(API_KEY, [""; 0]),
+                        ]
+                    } else {
+                        vec![SecurityRequirement::new(API_KEY, [scope.name()])]
+                    });
                     add(operation, "401", "Unauthorized");
                     add(operation, "403", "Forbidden");
                     if operation.request_body.is_some() {

@@ -69,6 +69,7 @@ async fn profile(State(state): State<AppState>, Path(user_id): Path<String>) -> 
         Some(newest) => newest,
         None => store.newest_event_ms().await?.unwrap_or(i64::MIN),
     };
-    let profile = build_profile(&user_id, &events, &categories, &shop, as_of).ok_or_else(not_found)?;
+    let churn = state.app.churn_model();
+    let profile = build_profile(&user_id, &events, &categories, &shop, as_of, churn.as_ref()).ok_or_else(not_found)?;
     Ok(Json(profile))
 }

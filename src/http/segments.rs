@@ -65,6 +65,17 @@ struct Segments {
     computed_at: Option<String>,
     /// All six segments, in rule order, even when empty.
     segments: Vec<SegmentSize>,
+    /// The shoppers by churn risk, in ten buckets of 0.1 from 0 to 1 (the
+    /// last includes 1), as of the same computation.
+    churn_risk_histogram: Vec<RiskBucket>,
+}
+
+/// Shoppers whose churn risk is in [`from`, `to`).
+#[derive(Serialize, ToSchema)]
+struct RiskBucket {
+    from: f64,
+    to: f64,
+    users: i64,
 }
 
 /// Every segment's size.
@@ -99,10 +110,19 @@ async fn segments(State(state): State<AppState>) -> ApiResult<Json<Segments>> {
             }
         })
         .collect();
+    let churn_risk_histogram = (0..10)
+        .zip(state.store.churn_histogram().await?)
+        .map(|(k, users)| RiskBucket {
+            from: f64::from(k) / 10.0,
+            to: f64::from(k + 1) / 10.0,
+            users,
+        })
+        .collect();
     Ok(Json(Segments {
         as_of: computed.and_then(|c| c.as_of_ms).map(format_timestamp),
         computed_at: computed.map(|c| format_timestamp(c.computed_at_ms)),
         segments,
+        churn_risk_histogram,
     }))
 }
 

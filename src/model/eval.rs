@@ -172,6 +172,7 @@ pub fn train_and_evaluate_from(
         knn_weight,
         scratch_at_ms: 0,
         continued_from: None,
+        churn: None,
         kind: if network.is_some() {
             SnapshotKind::Network
         } else {

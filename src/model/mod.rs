@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod net;
 pub mod ops;
 pub mod optim;
+pub mod projection;
 pub mod simd;
 pub mod snapshot;
 pub mod suggest;

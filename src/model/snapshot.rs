@@ -44,6 +44,10 @@ pub struct SnapshotMeta {
     /// training from scratch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub continued_from: Option<String>,
+    /// Churn prediction measured on this training's window, with the
+    /// classifier fitted there; none when the window was too small.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub churn: Option<crate::churn::ChurnReport>,
 }
 
 /// What a snapshot ranks with.
@@ -109,6 +113,12 @@ pub struct ModelSnapshot {
     /// Interaction counts per dense index (0 for padding).
     pub popularity: Vec<f32>,
     pub neighbours: Neighbours,
+    /// Each item's coordinates on the first two principal components of
+    /// the item embeddings, `items x 2` in dense order without padding
+    /// (`crate::model::projection`): the dashboard's map. Made when the
+    /// model is trained (`project`); none for a popular-only snapshot and
+    /// for snapshots saved before it existed.
+    pub projection: Option<Vec<f32>>,
 }
 
 #[inline]
@@ -371,7 +381,26 @@ impl ModelSnapshot {
             weights,
             popularity,
             neighbours,
+            projection: None,
         }
+    }
+
+    /// Projects the item embeddings to 2-D (PCA) for the dashboard's map;
+    /// nothing without a network. CPU work of about a second per million
+    /// items: call where training runs.
+    pub fn project(&mut self) {
+        self.projection = self.weights.as_ref().map(|w| {
+            let items = w.items();
+            super::projection::principal_plane(&w.item_emb[w.dim..], items, w.dim)
+        });
+    }
+
+    /// The item at dense index `index`'s point on the map, if the snapshot
+    /// has one.
+    pub fn point(&self, index: u32) -> Option<(f32, f32)> {
+        let at = (index as usize).checked_sub(1)? * 2;
+        let p = self.projection.as_ref()?.get(at..at + 2)?;
+        Some((p[0], p[1]))
     }
 
     pub fn items(&self) -> usize {
@@ -485,6 +514,11 @@ impl ModelSnapshot {
             tensors.push(("proj.b".into(), f32s(&w.proj_b), vec![d], Dtype::F32));
             tensors.push(("item_bias".into(), f32s(&w.item_bias), vec![n], Dtype::F32));
         }
+        // An optional tensor: readers that do not know it pass it over, so
+        // the format stays the same.
+        if let Some(p) = &self.projection {
+            tensors.push(("projection".into(), f32s(p), vec![p.len() / 2, 2], Dtype::F32));
+        }
         let views: Vec<(String, TensorView<'_>)> = tensors
             .iter()
             .map(|(name, bytes, shape, dtype)| Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?)))
@@ -563,13 +597,16 @@ impl ModelSnapshot {
             weights: f32s("knn.weights")?,
         };
         anyhow::ensure!(neighbours.offsets.len() == n + 1, "co-occurrence table mismatch");
-        Ok(ModelSnapshot::new(
-            meta,
-            item_ids,
-            weights,
-            f32s("popularity")?,
-            neighbours,
-        ))
+        // Older snapshots have none (their map is empty until the next
+        // training); one of another size is not this snapshot's.
+        let projection = if tensors.names().contains(&"projection") {
+            Some(f32s("projection")?).filter(|p| p.len() == 2 * (n - 1))
+        } else {
+            None
+        };
+        let mut snapshot = ModelSnapshot::new(meta, item_ids, weights, f32s("popularity")?, neighbours);
+        snapshot.projection = projection;
+        Ok(snapshot)
     }
 }
 
@@ -604,6 +641,7 @@ pub(crate) mod testing {
             last_seq: 0,
             scratch_at_ms: 0,
             continued_from: None,
+            churn: None,
         };
         let sequences: Vec<[Step; 2]> = pairs
             .iter()
@@ -633,6 +671,44 @@ mod tests {
         assert_eq!(top_n(&scores, 3, |_| false), [(5, 7.0), (2, 3.0), (3, 3.0)]);
         assert_eq!(top_n(&scores, 2, |i| i == 5), [(2, 3.0), (3, 3.0)]);
         assert_eq!(top_n(&scores, 10, |_| false).len(), 5);
+    }
+
+    /// The map travels with the snapshot as an extra tensor, which leaves
+    /// every other tensor as it was (older readers look tensors up by
+    /// name); a snapshot without it loads without a map.
+    #[test]
+    fn the_projection_is_an_optional_extra_tensor() {
+        let mut with = testing::snapshot(30, true, &[(1, 2)], 5);
+        let without = with.clone();
+        with.project();
+        let projection = with.projection.clone().expect("a network has a map");
+        assert_eq!(projection.len(), 60);
+        assert!(projection.iter().all(|v| v.is_finite()));
+        assert!(with.point(1).is_some() && with.point(0).is_none() && with.point(31).is_none());
+
+        let (bytes, plain) = (with.to_bytes().unwrap(), without.to_bytes().unwrap());
+        let loaded = ModelSnapshot::from_bytes(&bytes).unwrap();
+        assert_eq!(loaded.projection.as_deref(), Some(&projection[..]));
+        assert_eq!(ModelSnapshot::from_bytes(&plain).unwrap().projection, None);
+
+        let (a, b) = (
+            safetensors::SafeTensors::deserialize(&bytes).unwrap(),
+            safetensors::SafeTensors::deserialize(&plain).unwrap(),
+        );
+        let mut names: Vec<&str> = b.names();
+        names.push("projection");
+        names.sort_unstable();
+        let mut extended: Vec<&str> = a.names();
+        extended.sort_unstable();
+        assert_eq!(extended, names);
+        for name in b.names() {
+            assert_eq!(a.tensor(name).unwrap().data(), b.tensor(name).unwrap().data(), "{name}");
+        }
+        assert_eq!(a.tensor("projection").unwrap().shape(), [30, 2]);
+
+        let mut popular = testing::snapshot(30, false, &[], 5);
+        popular.project();
+        assert_eq!(popular.projection, None);
     }
 
     #[test]

@@ -69,6 +69,10 @@ pub struct TrainConfig {
     /// Co-occurrence neighbours kept per item.
     pub neighbours: usize,
     pub seed: u64,
+    /// Churn prediction: no event within this many days after a cutoff is
+    /// churn (`0`: twice the shop's usual gap between sessions, within 1 to
+    /// 90 days and at most a third of the window's span).
+    pub churn_horizon_days: f64,
 }
 
 impl Default for TrainConfig {
@@ -98,6 +102,7 @@ impl Default for TrainConfig {
             categories: true,
             neighbours: 100,
             seed: 42,
+            churn_horizon_days: 0.0,
         }
     }
 }

@@ -21,6 +21,8 @@ use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, Schema, Schem
 use utoipa::openapi::{KnownFormat, RefOr};
 use utoipa::{PartialSchema, ToSchema};
 
+pub use crate::churn::ChurnMethod;
+use crate::churn::ChurnModel;
 use crate::clock::format_timestamp;
 use crate::domain::{EventType, RfmCuts, ShopStats, UserEvent};
 use crate::ratings::{user_ratings, UserRatings};
@@ -162,6 +164,9 @@ pub struct Churn {
     pub days_since_last: f64,
     pub usual_gap_days: f64,
     pub usual_gap_source: GapSource,
+    /// Where `risk` comes from: the classifier of the served model's
+    /// training when it beat the formula on its holdout, else the formula.
+    pub method: ChurnMethod,
 }
 
 /// Where a user's usual gap comes from.
@@ -237,6 +242,7 @@ pub fn build_profile(
     categories: &HashMap<String, Vec<String>>,
     shop: &ShopStats,
     as_of_ms: i64,
+    churn: Option<&ChurnModel>,
 ) -> Option<Profile> {
     let first_ms = events.iter().map(|e| e.ts).min()?;
     let last_ms = events.iter().map(|e| e.ts).max()?;
@@ -244,22 +250,16 @@ pub fn build_profile(
     let by_type = count_by_type(events);
     let purchases = purchases(events);
     let sessions = sessions(events);
-    let gaps: Vec<f64> = session_gaps(&sessions).iter().map(|&g| g as f64).collect();
-    let measures = Measures {
-        first_ms,
-        last_ms,
-        sessions: i64::try_from(sessions.len()).unwrap_or(i64::MAX),
-        median_gap_ms: median(&gaps),
-        spend: purchases.spend,
-    };
+    let measures = measures_of(events, &sessions, &by_type, purchases.spend)?;
     let Scores {
         as_of_ms,
         rfm,
         risk,
+        churn_method,
         usual_gap_ms,
         usual_gap_source,
         segment,
-    } = score(&measures, shop, as_of_ms);
+    } = score(&measures, shop, as_of_ms, churn);
     let since_last_ms = (as_of_ms - last_ms) as f64;
 
     Some(Profile {
@@ -285,6 +285,7 @@ pub fn build_profile(
             days_since_last: round4(since_last_ms / DAY_MS),
             usual_gap_days: round4(usual_gap_ms / DAY_MS),
             usual_gap_source,
+            method: churn_method,
         },
         segment,
     })
@@ -305,6 +306,42 @@ pub struct Measures {
     pub median_gap_ms: Option<f64>,
     /// The sum of the user's purchase amounts.
     pub spend: f64,
+    /// The user's events, in all and per type (indexed by `EventType::code`).
+    pub events: i64,
+    pub by_type: [i64; 7],
+    /// The mean of the gaps between sessions, and the gap before the
+    /// latest session (by start, then end); `None` with one session.
+    pub mean_gap_ms: Option<f64>,
+    pub last_gap_ms: Option<f64>,
+}
+
+/// A user's [`Measures`] from their events (any order); `None` without
+/// events.
+pub fn measures(events: &[UserEvent]) -> Option<Measures> {
+    measures_of(
+        events,
+        &sessions(events),
+        &count_by_type(events),
+        purchases(events).spend,
+    )
+}
+
+fn measures_of(events: &[UserEvent], sessions: &[Session], by_type: &TypeCounts, spend: f64) -> Option<Measures> {
+    let first_ms = events.iter().map(|e| e.ts).min()?;
+    let last_ms = events.iter().map(|e| e.ts).max()?;
+    let gaps: Vec<f64> = session_gaps(sessions).iter().map(|&g| g as f64).collect();
+    let mean_gap_ms = (!gaps.is_empty()).then(|| gaps.iter().sum::<f64>() / gaps.len() as f64);
+    Some(Measures {
+        first_ms,
+        last_ms,
+        sessions: i64::try_from(sessions.len()).unwrap_or(i64::MAX),
+        median_gap_ms: median(&gaps),
+        spend,
+        events: by_type.0.iter().map(|&n| i64::try_from(n).unwrap_or(i64::MAX)).sum(),
+        by_type: by_type.0.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
+        mean_gap_ms,
+        last_gap_ms: gaps.last().copied(),
+    })
 }
 
 /// A user's RFM scores, churn risk and segment, from [`score`].
@@ -315,6 +352,8 @@ pub struct Scores {
     pub rfm: Rfm,
     /// Unrounded churn risk.
     pub risk: f64,
+    /// Where `risk` comes from.
+    pub churn_method: ChurnMethod,
     pub usual_gap_ms: f64,
     pub usual_gap_source: GapSource,
     pub segment: Segment,
@@ -323,12 +362,20 @@ pub struct Scores {
 /// The one code path from a user's [`Measures`] to their RFM scores, churn
 /// risk and segment, against the shop's figures and at `as_of_ms` (the
 /// newest event in the store): the profile and the segment lists both call
-/// it, so they agree given the same figures and `as_of_ms`.
-pub fn score(m: &Measures, shop: &ShopStats, as_of_ms: i64) -> Scores {
+/// it, so they agree given the same figures, `as_of_ms` and `churn` (the
+/// served model's churn classifier when it was chosen, see
+/// `crate::churn::ChurnReport::serving_model`; without it the formula).
+pub fn score(m: &Measures, shop: &ShopStats, as_of_ms: i64, churn: Option<&ChurnModel>) -> Scores {
     let as_of_ms = as_of_ms.max(m.last_ms);
     let since_last_ms = (as_of_ms - m.last_ms) as f64;
     let (usual_gap_ms, usual_gap_source) = usual_gap_from_median(m.median_gap_ms, shop.usual_gap_ms);
-    let risk = churn_risk(since_last_ms, usual_gap_ms);
+    let (risk, churn_method) = match churn {
+        Some(model) => (
+            model.risk(&crate::churn::features(m, shop.usual_gap_ms, as_of_ms)),
+            ChurnMethod::Classifier,
+        ),
+        None => (churn_risk(since_last_ms, usual_gap_ms), ChurnMethod::Formula),
+    };
     let cuts = shop.rfm_cuts.clone().unwrap_or(RfmCuts {
         // A store without users yet: the shop is this user alone.
         last_seen_ms: [m.last_ms; 4],
@@ -349,6 +396,7 @@ pub fn score(m: &Measures, shop: &ShopStats, as_of_ms: i64) -> Scores {
         as_of_ms,
         rfm,
         risk,
+        churn_method,
         usual_gap_ms,
         usual_gap_source,
         segment,
@@ -851,7 +899,7 @@ mod tests {
             usual_gap_ms: Some(DAY as f64),
             rating_mean: Some(3.5),
         };
-        let profile = build_profile("u", &events, &HashMap::new(), &shop, 5 * DAY).unwrap();
+        let profile = build_profile("u", &events, &HashMap::new(), &shop, 5 * DAY, None).unwrap();
         assert_eq!(profile.events.total, 4);
         assert_eq!(profile.events.by_type.get(EventType::Purchase), 2);
         assert_eq!(profile.sessions, 3);
@@ -893,6 +941,6 @@ mod tests {
         assert_eq!(json["events"]["by_type"]["rating"], 0);
         assert_eq!(json["segment"], "new");
 
-        assert!(build_profile("u", &[], &HashMap::new(), &shop, 0).is_none());
+        assert!(build_profile("u", &[], &HashMap::new(), &shop, 0, None).is_none());
     }
 }

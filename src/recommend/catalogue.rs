@@ -125,6 +125,11 @@ impl View<'_> {
         self.0.get(item_id).map_or(&[], |e| e.categories.as_slice())
     }
 
+    /// The item's title, if it has one.
+    pub fn title(&self, item_id: &str) -> Option<&str> {
+        self.0.get(item_id)?.details.as_deref()?.title.as_deref()
+    }
+
     /// The fields asked for of an item, as JSON members to add to its entry
     /// in an answer (`null` for a title or price it does not have).
     pub fn fields(&self, item_id: &str, fields: Fields) -> Map<String, Value> {

@@ -15,6 +15,7 @@ use std::sync::Mutex;
 
 use sqlx::{PgPool, Postgres, Transaction};
 
+use super::stats::{count_clicks, sqlite_recommendation_upsert, BatchCounts};
 use super::{Db, IdKind, Result, Store};
 use crate::domain::NewEvent;
 
@@ -123,13 +124,14 @@ impl Store {
         match &self.db {
             Db::Postgres(pool) => {
                 let batch = without_repeats(events);
+                let cutoffs = self.stats_keep().cutoffs(now_ms);
                 ensure_partitions(pool, &batch, false).await?;
-                match write_postgres(pool, &batch, item_ids, now_ms).await {
+                match write_postgres(pool, &batch, item_ids, now_ms, cutoffs).await {
                     // A partition dropped by retention (here or on another
                     // replica) after this process made sure of it.
                     Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23514") => {
                         ensure_partitions(pool, &batch, true).await?;
-                        Ok(write_postgres(pool, &batch, item_ids, now_ms).await?)
+                        Ok(write_postgres(pool, &batch, item_ids, now_ms, cutoffs).await?)
                     }
                     result => Ok(result?),
                 }
@@ -137,7 +139,11 @@ impl Store {
             Db::Sqlite(sqlite) => {
                 let mut tx = sqlite.write.begin().await?;
                 // One multi-row statement per chunk: SQLite allows 32766
-                // parameters, 9 a row.
+                // parameters, 9 a row. The rows stored (not the duplicates)
+                // come back to be counted for the dashboard.
+                let cutoffs = self.stats_keep().cutoffs(now_ms);
+                let mut counts = BatchCounts::default();
+                let mut clicks: Vec<(String, String, i64)> = Vec::new();
                 let mut inserted = 0;
                 for chunk in events.chunks(1000) {
                     let mut insert = sqlx::QueryBuilder::new(
@@ -154,8 +160,22 @@ impl Store {
                             .push_bind(e.recommendation_id.as_deref())
                             .push_bind(now_ms);
                     });
-                    insert.push(" ON CONFLICT (user_id, event_id) DO NOTHING");
-                    inserted += insert.build().execute(&mut *tx).await?.rows_affected();
+                    insert.push(
+                        " ON CONFLICT (user_id, event_id) DO NOTHING RETURNING item_id, kind, ts, recommendation_id",
+                    );
+                    let stored: Vec<(String, i16, i64, Option<String>)> =
+                        insert.build_query_as().fetch_all(&mut *tx).await?;
+                    inserted += stored.len() as u64;
+                    for (item_id, kind, ts, recommendation_id) in stored {
+                        counts.add(kind, ts, &item_id, cutoffs);
+                        if let Some(recommendation_id) = recommendation_id {
+                            clicks.push((recommendation_id, item_id, ts));
+                        }
+                    }
+                }
+                counts.write_sqlite(&mut tx).await?;
+                if !clicks.is_empty() {
+                    count_sqlite_clicks(&mut tx, &clicks, cutoffs.0).await?;
                 }
                 for ids in item_ids.chunks(1000) {
                     let mut insert = sqlx::QueryBuilder::new("INSERT INTO items (item_id, updated_at) ");
@@ -257,6 +277,7 @@ async fn write_postgres(
     batch: &[&NewEvent],
     item_ids: &[&str],
     now_ms: i64,
+    cutoffs: (i64, i64),
 ) -> std::result::Result<u64, sqlx::Error> {
     let untimed: Vec<&NewEvent> = batch
         .iter()
@@ -266,7 +287,7 @@ async fn write_postgres(
     if untimed.is_empty() && item_ids.is_empty() {
         // One statement is its own transaction: no BEGIN and COMMIT round
         // trips.
-        return insert_events(pool, batch, now_ms).await;
+        return insert_events(pool, batch, now_ms, cutoffs).await;
     }
     let mut tx: Transaction<'_, Postgres> = pool.begin().await?;
     let mut batch = batch.to_vec();
@@ -292,7 +313,7 @@ async fn write_postgres(
             _ => true,
         });
     }
-    let inserted = insert_events(&mut *tx, &batch, now_ms).await?;
+    let inserted = insert_events(&mut *tx, &batch, now_ms, cutoffs).await?;
     if !item_ids.is_empty() {
         sqlx::query(
             "INSERT INTO items (item_id, updated_at) SELECT id, $2 FROM UNNEST($1::text[]) AS id
@@ -307,30 +328,120 @@ async fn write_postgres(
     Ok(inserted)
 }
 
-/// Inserts the events; one with the user, id and timestamp of a stored one
-/// is skipped. Returns how many were stored.
+/// Inserts the events and adds those stored to the dashboard's counts in
+/// the same statement, as pending rows that lock nothing
+/// (`Store::fold_minutes` and `Store::fold_item_days` fold them in): per
+/// minute and kind, and per item, day and kind, one row each; clicks on
+/// recommended items per minute and model version. Upserts
+/// here would make every batch wait for the one before it to commit (they
+/// share the current minute's rows), and hundreds of per-item upserts a
+/// batch cost ingest a third of its speed. The clicks' part is only sent for
+/// batches that carry recommendation ids.
+macro_rules! insert_events_sql {
+    ($clicks:literal) => {
+        concat!(
+            "WITH stored AS (
+    INSERT INTO events (event_id, user_id, item_id, kind, value, ts, session_id, recommendation_id, received_at)
+    SELECT e.*, $9 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int2[], $5::float8[], $6::int8[], $7::text[], $8::text[]) AS e
+    ON CONFLICT (user_id, event_id, ts) DO NOTHING
+    RETURNING item_id, kind, ts, recommendation_id
+), minutes AS (
+    INSERT INTO event_minutes_pending (minutes, kinds, ns)
+    SELECT array_agg(minute_ms), array_agg(kind), array_agg(n)
+    FROM (SELECT ts - ts % 60000 AS minute_ms, kind, COUNT(*) AS n FROM stored WHERE ts >= $10 GROUP BY 1, 2) AS per_minute
+    HAVING COUNT(*) > 0
+), days AS (
+    INSERT INTO item_days_pending (items, days, kinds, ns)
+    SELECT array_agg(item_id), array_agg(day_ms), array_agg(kind), array_agg(n)
+    FROM (SELECT item_id, ts - ts % 86400000 AS day_ms, kind, COUNT(*) AS n FROM stored WHERE ts >= $11
+          GROUP BY 1, 2, 3) AS per_item
+    HAVING COUNT(*) > 0
+)",
+            $clicks,
+            "
+SELECT COUNT(*) FROM stored"
+        )
+    };
+}
+
+/// One with the user, id and timestamp of a stored event is skipped.
+/// Returns how many were stored.
 async fn insert_events<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     batch: &[&NewEvent],
     now_ms: i64,
+    (first_minute, first_day): (i64, i64),
 ) -> std::result::Result<u64, sqlx::Error> {
-    Ok(sqlx::query(
-        "INSERT INTO events (event_id, user_id, item_id, kind, value, ts, session_id, recommendation_id, received_at)
-         SELECT e.*, $9 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int2[], $5::float8[], $6::int8[], $7::text[], $8::text[]) AS e
-         ON CONFLICT (user_id, event_id, ts) DO NOTHING",
-    )
-    .bind(batch.iter().map(|e| e.event_id.as_deref()).collect::<Vec<_>>())
-    .bind(batch.iter().map(|e| e.user_id.as_str()).collect::<Vec<_>>())
-    .bind(batch.iter().map(|e| e.item_id.as_str()).collect::<Vec<_>>())
-    .bind(batch.iter().map(|e| e.kind.code()).collect::<Vec<_>>())
-    .bind(batch.iter().map(|e| e.value).collect::<Vec<_>>())
-    .bind(batch.iter().map(|e| e.ts).collect::<Vec<_>>())
-    .bind(batch.iter().map(|e| e.session_id.as_deref()).collect::<Vec<_>>())
-    .bind(batch.iter().map(|e| e.recommendation_id.as_deref()).collect::<Vec<_>>())
-    .bind(now_ms)
-    .execute(executor)
-    .await?
-    .rows_affected())
+    const PLAIN: &str = insert_events_sql!("");
+    const WITH_CLICKS: &str = insert_events_sql!(
+        ", clicks AS (
+    INSERT INTO recommendation_minutes_pending (minute_ms, version, clicks)
+    SELECT s.ts - s.ts % 60000, COALESCE(i.model_version, ''), COUNT(*)
+    FROM stored s JOIN impressions i ON i.recommendation_id = s.recommendation_id
+    WHERE s.recommendation_id IS NOT NULL AND s.ts >= $10
+      AND strpos(chr(31) || i.items, chr(31) || s.item_id || chr(31)) > 0
+    GROUP BY 1, 2
+)"
+    );
+    let sql = if batch.iter().any(|e| e.recommendation_id.is_some()) {
+        WITH_CLICKS
+    } else {
+        PLAIN
+    };
+    let stored: i64 = sqlx::query_scalar(sql)
+        .bind(batch.iter().map(|e| e.event_id.as_deref()).collect::<Vec<_>>())
+        .bind(batch.iter().map(|e| e.user_id.as_str()).collect::<Vec<_>>())
+        .bind(batch.iter().map(|e| e.item_id.as_str()).collect::<Vec<_>>())
+        .bind(batch.iter().map(|e| e.kind.code()).collect::<Vec<_>>())
+        .bind(batch.iter().map(|e| e.value).collect::<Vec<_>>())
+        .bind(batch.iter().map(|e| e.ts).collect::<Vec<_>>())
+        .bind(batch.iter().map(|e| e.session_id.as_deref()).collect::<Vec<_>>())
+        .bind(batch.iter().map(|e| e.recommendation_id.as_deref()).collect::<Vec<_>>())
+        .bind(now_ms)
+        .bind(first_minute)
+        .bind(first_day)
+        .fetch_one(executor)
+        .await?;
+    Ok(u64::try_from(stored).unwrap_or(0))
+}
+
+/// Counts the clicks among events just stored (recommendation id, item id,
+/// ts) on SQLite: those on an item the stored recommendation showed.
+async fn count_sqlite_clicks(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    clicks: &[(String, String, i64)],
+    first_minute: i64,
+) -> std::result::Result<(), sqlx::Error> {
+    for chunk in clicks.chunks(1000) {
+        let mut select = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
+            "SELECT recommendation_id, COALESCE(model_version, ''), items FROM impressions WHERE recommendation_id IN (",
+        );
+        let mut ids = select.separated(", ");
+        for (recommendation_id, _, _) in chunk {
+            ids.push_bind(recommendation_id.as_str());
+        }
+        select.push(")");
+        let shown: HashMap<String, (String, String)> = select
+            .build_query_as::<(String, String, String)>()
+            .fetch_all(&mut **tx)
+            .await?
+            .into_iter()
+            .map(|(id, version, items)| (id, (version, items)))
+            .collect();
+        let counts = count_clicks(
+            chunk.iter().map(|(r, i, ts)| (r.as_str(), i.as_str(), *ts)),
+            &shown,
+            first_minute,
+        );
+        if !counts.is_empty() {
+            let counts: Vec<_> = counts.iter().collect();
+            sqlite_recommendation_upsert(&counts, "clicks")
+                .build()
+                .execute(&mut **tx)
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

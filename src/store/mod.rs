@@ -51,7 +51,8 @@ macro_rules! on_writer {
 /// The CTEs that cut each user's events into sessions and measure the gaps
 /// between them, the rules of `crate::profile::sessions`: `sessionless`,
 /// `numbered`, `sessions` (`user_id`, `start_ts`, `end_ts`), `raw_gaps`,
-/// `gaps` and `ranked_gaps` (`user_id`, `gap`, its `pos` in the user's
+/// `gaps` (`user_id`, the session's `start_ts` and `end_ts`, the `gap`
+/// before it) and `ranked_gaps` (`user_id`, `gap`, its `pos` in the user's
 /// gaps and their `cnt`), each followed by a comma. `$events` is the table
 /// or CTE read, `$filter` an ` AND ...` on it (or empty), `$gap` the
 /// parameter that holds the session gap in ms.
@@ -85,13 +86,13 @@ sessions AS (
     SELECT user_id, MIN(ts), MAX(ts) FROM numbered GROUP BY user_id, session_no
 ),
 raw_gaps AS (
-    SELECT user_id,
+    SELECT user_id, start_ts, end_ts,
            start_ts - MAX(end_ts) OVER (PARTITION BY user_id ORDER BY start_ts, end_ts
                                         ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS gap
     FROM sessions
 ),
 gaps AS (
-    SELECT user_id, CAST(CASE WHEN gap < 0 THEN 0 ELSE gap END AS DOUBLE PRECISION) AS gap
+    SELECT user_id, start_ts, end_ts, CAST(CASE WHEN gap < 0 THEN 0 ELSE gap END AS DOUBLE PRECISION) AS gap
     FROM raw_gaps WHERE gap IS NOT NULL
 ),
 ranked_gaps AS (
@@ -105,6 +106,7 @@ ranked_gaps AS (
     };
 }
 
+mod browse;
 mod coordination;
 mod events;
 mod ids;
@@ -113,6 +115,8 @@ mod profile;
 mod ratings;
 mod segments;
 mod serving;
+mod stats;
+pub use browse::ItemSearch;
 pub use coordination::{Locks, Notice, Notices};
 use coordination::{ERASURE_CHANNEL, SNAPSHOT_CHANNEL};
 pub use events::Retention;
@@ -120,6 +124,7 @@ pub use ids::{optional_id_key, IdKey, IdKind, Ids, Undecryptable};
 pub use keying::Rotation;
 pub use segments::{SegmentMember, SegmentRow};
 pub use serving::ITEM_SEPARATOR;
+pub use stats::{floor_to, Heartbeat, StoreCounts, DAY_MS, MINUTE_MS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -243,6 +248,8 @@ pub struct PoolStats {
 pub struct Store {
     db: Db,
     ids: Ids,
+    /// How far back ingest counts events for the dashboard.
+    stats_keep: std::sync::Arc<stats::StatsKeep>,
 }
 
 #[derive(Clone, Debug)]
@@ -316,6 +323,7 @@ impl Store {
         let store = Store {
             db,
             ids: Ids::new(options.id_key.as_ref()),
+            stats_keep: std::sync::Arc::default(),
         };
         store.migrate().await?;
         Ok(store)

@@ -6,12 +6,29 @@ use std::collections::HashMap;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use sqlx::Row;
 
+use super::stats::{count_clicks, count_impressions, hour_first};
 use super::{Db, IdKind, Result, Store};
 use crate::domain::{EventRow, Impression, ItemFlags, OnlineStats, TrainingOutcome, TrainingRun, UserEvent};
 
 /// The unit separator: it ends each item id in `impressions.items`. Ids are
 /// printable, so none contains it.
 pub const ITEM_SEPARATOR: char = '\u{1f}';
+
+/// A row of `trainings`: id, started, finished, outcome, reason, version,
+/// replica, metrics.
+type TrainingRow = (
+    String,
+    i64,
+    Option<i64>,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+/// One event as churn prediction reads it: user (as stored), type code,
+/// value, time, session (as stored).
+pub type ChurnRow = (String, i16, Option<f64>, i64, Option<String>);
 
 impl Store {
     /// The user's newest `limit` events, newest first (ties: later arrival
@@ -185,6 +202,19 @@ impl Store {
             .boxed())
     }
 
+    /// What churn prediction reads of a training window: each event's
+    /// user (as stored), type, value, time and session (as stored; only
+    /// compared), arrivals up to `max_seq` from `since_ms`. A stream.
+    pub fn churn_window(&self, max_seq: i64, since_ms: i64) -> BoxStream<'_, Result<ChurnRow>> {
+        const SELECT: &str = "SELECT user_id, kind, value, ts, session_id FROM events WHERE seq <= $1 AND ts >= $2";
+        on_pool!(self, pool => sqlx::query_as::<_, ChurnRow>(SELECT)
+            .bind(max_seq)
+            .bind(since_ms)
+            .fetch(pool)
+            .map(|row| row.map_err(super::StoreError::from))
+            .boxed())
+    }
+
     /// The newest timestamp among arrivals up to `max_seq`, and the
     /// timestamp of the `n`-th newest of them (0: the newest), if there are
     /// that many: where a window of the newest events starts.
@@ -245,7 +275,8 @@ impl Store {
         Ok(())
     }
 
-    /// Records how a training run ended, and forgets all but the newest 100.
+    /// Records how a training run ended (with its held-out figures as
+    /// JSON, when it got that far), and forgets all but the newest 100.
     pub async fn finish_training(
         &self,
         id: &str,
@@ -253,14 +284,19 @@ impl Store {
         outcome: TrainingOutcome,
         reason: Option<&str>,
         version: Option<&str>,
+        metrics: Option<&str>,
     ) -> Result<()> {
         on_writer!(self, pool => {
-            sqlx::query("UPDATE trainings SET finished_at = $2, outcome = $3, reason = $4, version = $5 WHERE id = $1")
+            sqlx::query(
+                "UPDATE trainings SET finished_at = $2, outcome = $3, reason = $4, version = $5, metrics = $6
+                 WHERE id = $1",
+            )
                 .bind(id)
                 .bind(finished_at)
                 .bind(outcome.name())
                 .bind(reason)
                 .bind(version)
+                .bind(metrics)
                 .execute(pool)
                 .await?;
             sqlx::query(
@@ -275,8 +311,8 @@ impl Store {
     /// The newest `limit` training runs, newest first.
     pub async fn trainings(&self, limit: i64) -> Result<Vec<TrainingRun>> {
         let rows = on_pool!(self, pool => {
-            sqlx::query_as::<_, (String, i64, Option<i64>, String, Option<String>, Option<String>, Option<String>)>(
-                "SELECT id, started_at, finished_at, outcome, reason, version, replica FROM trainings
+            sqlx::query_as::<_, TrainingRow>(
+                "SELECT id, started_at, finished_at, outcome, reason, version, replica, metrics FROM trainings
                  ORDER BY started_at DESC, id DESC LIMIT $1",
             )
             .bind(limit)
@@ -286,7 +322,7 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(
-                |(id, started_at, finished_at, outcome, reason, version, replica)| TrainingRun {
+                |(id, started_at, finished_at, outcome, reason, version, replica, metrics)| TrainingRun {
                     id,
                     started_at,
                     finished_at,
@@ -294,6 +330,7 @@ impl Store {
                     reason,
                     version,
                     replica,
+                    metrics,
                 },
             )
             .collect())
@@ -314,7 +351,11 @@ impl Store {
         Ok(())
     }
 
-    /// Stores impressions in one statement per 1000.
+    /// Stores impressions in one statement per 1000, and in the same
+    /// transaction adds them to the dashboard's answers per minute and
+    /// version, with the clicks on them stored before them (a click that
+    /// arrived before its answer was handed over; later clicks are counted
+    /// by ingest).
     pub async fn record_impressions(&self, impressions: &[Impression]) -> Result<()> {
         let joined = |i: &Impression| {
             let mut s = String::new();
@@ -324,19 +365,73 @@ impl Store {
             }
             s
         };
+        let first_minute = self.stats_keep().cutoffs(crate::clock::now_ms()).0;
+        let shown_counts: std::collections::BTreeMap<(i64, String), (i64, i64)> =
+            count_impressions(impressions, first_minute)
+                .into_iter()
+                .map(|(key, n)| (key, (n, 0)))
+                .collect();
+        let shown: HashMap<String, (String, String)> = impressions
+            .iter()
+            .map(|i| {
+                (
+                    i.recommendation_id.clone(),
+                    (i.model_version.clone().unwrap_or_default(), joined(i)),
+                )
+            })
+            .collect();
+        // A click is at most this much older than its answer's creation
+        // (collectors' clocks may run ahead).
+        let oldest_click = impressions.iter().map(|i| i.created_at).min().unwrap_or(0) - crate::ingest::MAX_FUTURE_MS;
         on_writer!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let mut clicked: Vec<(String, String, i64)> = Vec::new();
             for chunk in impressions.chunks(1000) {
                 let mut insert =
                     sqlx::QueryBuilder::new("INSERT INTO impressions (recommendation_id, model_version, items, created_at) ");
                 insert.push_values(chunk, |mut row, i| {
                     row.push_bind(i.recommendation_id.clone())
                         .push_bind(i.model_version.clone())
-                        .push_bind(joined(i))
+                        .push_bind(shown[&i.recommendation_id].1.clone())
                         .push_bind(i.created_at);
                 });
                 insert.push(" ON CONFLICT (recommendation_id) DO NOTHING");
-                insert.build().execute(pool).await?;
+                insert.build().execute(&mut *tx).await?;
+                let mut select =
+                    sqlx::QueryBuilder::new("SELECT recommendation_id, item_id, ts FROM events WHERE ts >= ");
+                select.push_bind(oldest_click).push(" AND recommendation_id IN (");
+                let mut ids = select.separated(", ");
+                for i in chunk {
+                    ids.push_bind(i.recommendation_id.clone());
+                }
+                select.push(")");
+                clicked.extend(select.build_query_as::<(String, String, i64)>().fetch_all(&mut *tx).await?);
             }
+            let click_counts = count_clicks(
+                clicked.iter().map(|(r, i, ts)| (r.as_str(), i.as_str(), *ts)),
+                &shown,
+                first_minute,
+            );
+            // One upsert in the order every writer locks the rows in.
+            let mut counts = shown_counts.clone();
+            for (key, n) in click_counts {
+                counts.entry(key).or_insert((0, 0)).1 += n;
+            }
+            let mut counts: Vec<_> = counts.into_iter().collect();
+            hour_first(&mut counts);
+            for chunk in counts.chunks(1000) {
+                let mut upsert =
+                    sqlx::QueryBuilder::new("INSERT INTO recommendation_minutes (minute_ms, version, impressions, clicks) ");
+                upsert.push_values(chunk, |mut row, ((minute, version), (shown, clicks))| {
+                    row.push_bind(*minute).push_bind(version.clone()).push_bind(*shown).push_bind(*clicks);
+                });
+                upsert.push(
+                    " ON CONFLICT (minute_ms, version) DO UPDATE SET impressions = recommendation_minutes.impressions \
+                     + excluded.impressions, clicks = recommendation_minutes.clicks + excluded.clicks",
+                );
+                upsert.build().execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
         });
         Ok(())
     }

@@ -22,14 +22,27 @@ pub use schedule::schedule;
 use crate::app::App;
 use crate::clock::now_ms;
 use crate::domain::TrainingOutcome;
+use crate::model::snapshot::ModelMetrics;
 use crate::store::Locks;
 
-/// How a training ended.
+/// How a training ended, with the candidate's held-out figures once it
+/// was evaluated.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Published { version: String, why: String },
-    Rejected { version: String, why: String },
-    Failed { why: String },
+    Published {
+        version: String,
+        why: String,
+        metrics: ModelMetrics,
+    },
+    Rejected {
+        version: String,
+        why: String,
+        metrics: ModelMetrics,
+    },
+    Failed {
+        why: String,
+        metrics: Option<ModelMetrics>,
+    },
 }
 
 impl Outcome {
@@ -41,11 +54,14 @@ impl Outcome {
         }
     }
 
-    /// The candidate's version (none when training failed) and why.
-    fn parts(&self) -> (Option<&str>, &str) {
+    /// The candidate's version (none when training failed), why, and its
+    /// held-out figures (none when it failed before they were made).
+    fn parts(&self) -> (Option<&str>, &str, Option<&ModelMetrics>) {
         match self {
-            Outcome::Published { version, why } | Outcome::Rejected { version, why } => (Some(version), why),
-            Outcome::Failed { why } => (None, why),
+            Outcome::Published { version, why, metrics } | Outcome::Rejected { version, why, metrics } => {
+                (Some(version), why, Some(metrics))
+            }
+            Outcome::Failed { why, metrics } => (None, why, metrics.as_ref()),
         }
     }
 }
@@ -156,19 +172,23 @@ async fn train(app: &App, from: TrainFrom) -> Outcome {
     tracing::info!(training = %id, "training started");
     let outcome = match pipeline::train_and_gate(app, from).await {
         Ok(outcome) => outcome,
-        Err(e) => Outcome::Failed { why: format!("{e:#}") },
+        Err(e) => Outcome::Failed {
+            why: format!("{e:#}"),
+            metrics: None,
+        },
     };
-    let (version, reason) = outcome.parts();
+    let (version, reason, metrics) = outcome.parts();
+    let metrics = metrics.and_then(|m| serde_json::to_string(m).ok());
     if let Err(e) = app
         .store
-        .finish_training(&id, now_ms(), outcome.kind(), Some(reason), version)
+        .finish_training(&id, now_ms(), outcome.kind(), Some(reason), version, metrics.as_deref())
         .await
     {
         tracing::warn!(error = %e, "cannot record the training's end");
     }
     metrics::counter!("recd_training_runs_total", "outcome" => outcome.kind().name()).increment(1);
     metrics::histogram!("recd_training_duration_seconds").record(started.elapsed().as_secs_f64());
-    if let Outcome::Failed { why } = &outcome {
+    if let Outcome::Failed { why, .. } = &outcome {
         tracing::error!(training = %id, reason = %why, "training failed; the served model stays");
     }
     outcome

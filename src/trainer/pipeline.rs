@@ -9,7 +9,9 @@ use futures::StreamExt;
 
 use super::{Gate, Outcome, TrainFrom, Verdict};
 use crate::app::App;
+use crate::churn;
 use crate::clock::now_ms;
+use crate::domain::UserEvent;
 use crate::model::ann::{AnnIndex, AnnSettings};
 use crate::model::data::DatasetBuilder;
 use crate::model::train::WarmStart;
@@ -32,6 +34,9 @@ pub struct TrainingData {
     pub last_ts: HashMap<String, i64>,
     /// Item id -> its first category.
     pub categories: HashMap<String, String>,
+    /// The window's events per user (a sample of the users when more than
+    /// `churn::MAX_USERS`), for churn prediction.
+    pub histories: Vec<Vec<UserEvent>>,
 }
 
 /// Streams the training window from the store: the events of at most
@@ -80,12 +85,37 @@ pub async fn read_training_data(
         items = data.items(),
         "training window read"
     );
+    let histories = read_histories(store, max_seq, since, data.users()).await?;
     Ok(TrainingData {
         max_seq,
         data,
         last_ts,
         categories: store.primary_categories().await?,
+        histories,
     })
+}
+
+/// The window's events per user for churn prediction: every user's, or
+/// those of a sample of about `churn::MAX_USERS` users (by a hash of the id)
+/// when the window has more.
+async fn read_histories(store: &Store, max_seq: i64, since: i64, users: usize) -> anyhow::Result<Vec<Vec<UserEvent>>> {
+    use std::hash::{Hash, Hasher};
+    let every = users.div_ceil(churn::MAX_USERS).max(1) as u64;
+    let mut histories = churn::Histories::default();
+    let mut rows = store.churn_window(max_seq, since);
+    while let Some(row) = rows.next().await {
+        let (user, kind, value, ts, session) = row?;
+        if every > 1 {
+            // Fixed keys: the same users every time.
+            let mut hasher = std::hash::DefaultHasher::new();
+            user.hash(&mut hasher);
+            if hasher.finish() % every != 0 {
+                continue;
+            }
+        }
+        histories.push(&user, kind, value, ts, session);
+    }
+    Ok(histories.into_users())
 }
 
 /// A trained model with its held-out figures, and what the gate needs.
@@ -110,6 +140,7 @@ pub fn train_candidate(
         mut data,
         last_ts,
         categories,
+        histories,
     } = input;
     data.set_categories(&categories);
     let warm = from.and_then(|served| {
@@ -125,6 +156,16 @@ pub fn train_candidate(
     });
     let (mut snapshot, report) = model::train_and_evaluate_from(&data, config, progress, warm.as_ref())?;
     snapshot.meta.last_seq = max_seq;
+    let projecting = std::time::Instant::now();
+    snapshot.project();
+    if snapshot.projection.is_some() {
+        tracing::debug!(
+            items = snapshot.items(),
+            seconds = projecting.elapsed().as_secs_f64(),
+            "item embeddings projected to 2-D"
+        );
+    }
+    snapshot.meta.churn = churn_report(&histories, config.churn_horizon_days);
     match from.filter(|_| warm.is_some()) {
         Some(served) => {
             snapshot.meta.scratch_at_ms = served.meta.scratch_at_ms;
@@ -138,6 +179,29 @@ pub fn train_candidate(
         data,
         last_ts,
     })
+}
+
+/// Churn prediction fitted and measured on the window's histories (none
+/// when too few).
+fn churn_report(histories: &[Vec<UserEvent>], horizon_days: f64) -> Option<churn::ChurnReport> {
+    let started = std::time::Instant::now();
+    let report = churn::evaluate(histories, horizon_days);
+    match &report {
+        Some(r) => tracing::info!(
+            seconds = started.elapsed().as_secs_f64(),
+            horizon_days = r.horizon_days,
+            classifier_roc_auc = r.methods.classifier.roc_auc,
+            formula_roc_auc = r.methods.formula.roc_auc,
+            recency_roc_auc = r.methods.recency.roc_auc,
+            chosen = ?r.chosen,
+            "churn prediction measured"
+        ),
+        None => tracing::info!(
+            users = histories.len(),
+            "too little history to measure churn prediction"
+        ),
+    }
+    report
 }
 
 /// The nearest-neighbour index of `snapshot` when its catalogue is large
@@ -217,6 +281,7 @@ pub(super) async fn train_and_gate(app: &App, from: TrainFrom) -> anyhow::Result
         Err(e) => anyhow::bail!("training was cancelled: {e}"),
     };
     let version = snapshot.meta.version.clone();
+    let metrics = snapshot.meta.metrics.clone();
     let start = match &snapshot.meta.continued_from {
         Some(served) => format!("continued from {served}"),
         None => "from scratch".to_owned(),
@@ -228,12 +293,18 @@ pub(super) async fn train_and_gate(app: &App, from: TrainFrom) -> anyhow::Result
     match verdict {
         Verdict::Reject(why) => {
             tracing::warn!(version, reason = %why, "candidate rejected; the served model stays");
-            Ok(Outcome::Rejected { version, why })
+            Ok(Outcome::Rejected { version, why, metrics })
         }
         Verdict::Accept(why) => {
-            save_snapshot(&app.store, &snapshot, index.as_ref()).await?;
+            if let Err(e) = save_snapshot(&app.store, &snapshot, index.as_ref()).await {
+                // Evaluated, not published: the figures stay with the run.
+                return Ok(Outcome::Failed {
+                    why: format!("{e:#}"),
+                    metrics: Some(metrics),
+                });
+            }
             app.serve_snapshot(snapshot, index);
-            Ok(Outcome::Published { version, why })
+            Ok(Outcome::Published { version, why, metrics })
         }
     }
 }

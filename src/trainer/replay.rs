@@ -161,6 +161,7 @@ fn train_stage(
         data: builder.finish(),
         last_ts: HashMap::new(),
         categories: categories.clone(),
+        histories: Vec::new(),
     };
     let candidate = train_candidate(input, config, progress, from)?;
     let report = &candidate.report;

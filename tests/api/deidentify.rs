@@ -467,7 +467,10 @@ async fn the_binary_refuses_another_key_and_rotates(db: Db) {
         if let Some(key) = new_key {
             cmd.env("RECD_NEW_ID_KEY", key);
         }
-        let out = cmd.output().expect("recd runs");
+        // Waiting for the process must not hold up this runtime's worker:
+        // a task queued on it (the store's connections closing) would wait
+        // too, and the rotation would see them as another replica.
+        let out = tokio::task::block_in_place(|| cmd.output()).expect("recd runs");
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

@@ -3,11 +3,16 @@
 mod helpers;
 
 mod auth;
+mod browse;
 mod categories;
+mod churn;
+mod dashboard;
+mod dashstats;
 mod deidentify;
 mod events;
 mod items;
 mod limits;
+mod model_map;
 mod openapi;
 mod ops;
 mod process;

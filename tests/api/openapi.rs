@@ -10,9 +10,10 @@ use crate::helpers::TestApp;
 
 /// Every route recd serves. A route added to the router must be added here,
 /// and the document must list exactly these.
-const ROUTES: [(&str, &str); 21] = [
+const ROUTES: [(&str, &str); 30] = [
     ("POST", "/v1/events"),
     ("POST", "/v1/items"),
+    ("GET", "/v1/items"),
     ("GET", "/v1/items/{item_id}"),
     ("PUT", "/v1/items/{item_id}"),
     ("DELETE", "/v1/items/{item_id}"),
@@ -21,12 +22,20 @@ const ROUTES: [(&str, &str); 21] = [
     ("GET", "/v1/popular"),
     ("GET", "/v1/users/{user_id}/recommendations"),
     ("GET", "/v1/users/{user_id}/profile"),
+    ("GET", "/v1/users/{user_id}/events"),
     ("DELETE", "/v1/users/{user_id}"),
     ("GET", "/v1/segments"),
     ("GET", "/v1/segments/{name}/users"),
     ("GET", "/v1/segments/{name}/users.csv"),
     ("GET", "/v1/model"),
+    ("GET", "/v1/model/embeddings"),
     ("POST", "/v1/model/train"),
+    ("GET", "/v1/stats/events"),
+    ("GET", "/v1/stats/recommendations"),
+    ("GET", "/v1/stats/overview"),
+    ("GET", "/v1/replicas"),
+    ("GET", "/v1/key"),
+    ("GET", "/v1/items/{item_id}/activity"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
@@ -113,6 +122,9 @@ async fn operations_name_scopes_and_problems(app: TestApp) {
         ("get", "/v1/segments", "read"),
         ("get", "/v1/segments/{name}/users", "admin"),
         ("get", "/v1/segments/{name}/users.csv", "admin"),
+        ("get", "/v1/stats/events", "read"),
+        ("get", "/v1/replicas", "read"),
+        ("get", "/v1/items/{item_id}/activity", "read"),
     ] {
         let operation = &paths[path][method];
         assert_eq!(operation["security"][0]["api_key"][0], scope, "{method} {path}");
