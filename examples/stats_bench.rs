@@ -19,6 +19,12 @@
 //!
 //! Defaults: 5,000,000 events over 7 days, 500,000 users, 20,000 items,
 //! 200 requests per endpoint. The database is dropped at the end.
+//!
+//! With `RECD_BENCH_REUSE=1` it loads nothing and drops nothing: the
+//! database at `RECD_BENCH_POSTGRES_URL` is measured as it is (for example
+//! a store kept by `scale_bench --keep`), its counts made afresh from its
+//! events; `RECD_BENCH_ITEM` names the item whose activity is asked for
+//! (default `item-1`).
 
 use std::time::Instant;
 
@@ -81,6 +87,17 @@ async fn load(store: &Store, events: i64, days: i64, users: i64, items: i64) -> 
         );
         from = to;
     }
+    Ok(())
+}
+
+/// The counts ingest would have kept of the store's events (migration
+/// 0009's backfill: minutes of the last 8 days, every item day), answers
+/// and clicks per minute for three model versions, then ANALYZE.
+async fn make_counts(store: &Store) -> anyhow::Result<()> {
+    let Db::Postgres(pool) = store.db() else {
+        anyhow::bail!("the benchmark needs PostgreSQL")
+    };
+    let now = chrono::Utc::now().timestamp_millis();
     let started = Instant::now();
     // What ingest keeps (migration 0009's backfill, the same counts).
     sqlx::query(
@@ -131,19 +148,47 @@ async fn main() -> anyhow::Result<()> {
     let requests = arg(5, 200) as usize;
     let url = std::env::var("RECD_BENCH_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/recd_stats_bench".to_owned());
-    println!("stats_bench: {events} events over {days} days, {users} users, {items} items");
+    let reuse = std::env::var("RECD_BENCH_REUSE").is_ok_and(|v| v == "1");
+    let item = std::env::var("RECD_BENCH_ITEM").unwrap_or_else(|_| "item-1".to_owned());
+    if reuse {
+        println!("stats_bench: the store at {url} as it is");
+    } else {
+        println!("stats_bench: {events} events over {days} days, {users} users, {items} items");
+    }
 
     let (base, name) = url.rsplit_once('/').expect("a database URL");
     let admin = Store::open(&format!("{base}/postgres"), &StoreOptions::default()).await?;
-    if let Db::Postgres(pool) = admin.db() {
+    if let (Db::Postgres(pool), false) = (admin.db(), reuse) {
         sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
             .execute(pool)
             .await?;
     }
     let store = Store::open(&url, &StoreOptions::default()).await?;
-    let started = Instant::now();
-    load(&store, events, days, users, items).await?;
-    println!("loaded in {:.0} s", started.elapsed().as_secs_f64());
+    if reuse {
+        let Db::Postgres(pool) = store.db() else {
+            anyhow::bail!("the benchmark needs PostgreSQL")
+        };
+        let (events, first, last): (i64, Option<i64>, Option<i64>) =
+            sqlx::query_as("SELECT COUNT(*), MIN(ts), MAX(ts) FROM events")
+                .fetch_one(pool)
+                .await?;
+        println!(
+            "the store's {events} events, from {} to {}",
+            first.map(recd::clock::format_timestamp).unwrap_or_default(),
+            last.map(recd::clock::format_timestamp).unwrap_or_default()
+        );
+        for table in ["event_minutes", "item_days", "recommendation_minutes"] {
+            sqlx::query(&format!("TRUNCATE {table}")).execute(pool).await?;
+        }
+        sqlx::query("TRUNCATE event_hours, recommendation_hours")
+            .execute(pool)
+            .await?;
+    } else {
+        let started = Instant::now();
+        load(&store, events, days, users, items).await?;
+        println!("events loaded in {:.0} s", started.elapsed().as_secs_f64());
+    }
+    make_counts(&store).await?;
 
     let mut settings = Settings::with_database(&url)?;
     settings.train_interval = None;
@@ -163,7 +208,7 @@ async fn main() -> anyhow::Result<()> {
 
     let client = reqwest::Client::new();
     println!("\n| endpoint | p50 ms | p99 ms | max ms |\n| --- | ---: | ---: | ---: |");
-    for path in [
+    let paths = [
         "/v1/stats/events?range=hour",
         "/v1/stats/events?range=day",
         "/v1/stats/events?range=week",
@@ -172,9 +217,11 @@ async fn main() -> anyhow::Result<()> {
         "/v1/stats/recommendations?range=week",
         "/v1/stats/overview",
         "/v1/replicas",
-        "/v1/items/item-1/activity?days=30",
-        "/v1/items/item-1/activity?days=365",
-    ] {
+        &format!("/v1/items/{item}/activity?days=30"),
+        &format!("/v1/items/{item}/activity?days=365"),
+    ]
+    .map(|p| p.to_string());
+    for path in &paths {
         let mut ms = Vec::with_capacity(requests);
         for _ in 0..requests {
             let started = Instant::now();
@@ -194,7 +241,7 @@ async fn main() -> anyhow::Result<()> {
     }
     server.abort();
     store.close().await;
-    if let Db::Postgres(pool) = admin.db() {
+    if let (Db::Postgres(pool), false) = (admin.db(), reuse) {
         sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
             .execute(pool)
             .await?;
