@@ -7,6 +7,8 @@
 //!     cargo run --release --example ingest_bench -- [EVENTS] [CONNECTIONS] [all|postgres|sqlite]
 //!
 //! Postgres: RECD_BENCH_POSTGRES_URL (default postgres://postgres@127.0.0.1:5432/recd_bench).
+//! recd's own settings come from RECD_* variables as for `recd serve`
+//! (e.g. RECD_OVERVIEW_REFRESH=1h), except the database and the listener.
 
 use std::process::Command;
 use std::sync::Arc;
@@ -22,7 +24,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const BATCH: usize = 500;
 
+/// The events to post: the demo shop's (spread over its days, like an
+/// import of history) or, with `RECD_BENCH_LIVE=1`, the same events stamped
+/// within the last ten minutes, as collectors post a shop's live traffic.
 fn bodies(events: usize, run: &str) -> Vec<String> {
+    let live = std::env::var("RECD_BENCH_LIVE").is_ok_and(|v| v == "1");
+    let now = chrono::Utc::now().timestamp_millis();
     let shop = recd::demo::generate(
         recd::demo::DemoSize {
             items: 5000,
@@ -35,7 +42,7 @@ fn bodies(events: usize, run: &str) -> Vec<String> {
     let rows = shop.events.iter().cycle().take(events).enumerate().map(|(i, e)| {
         json!({"event_id": format!("{run}-{i}"), "user_id": e.user_id, "item_id": e.item_id,
                "type": e.kind, "value": e.value, "session_id": e.session_id,
-               "timestamp": recd::clock::format_timestamp(e.ts)})
+               "timestamp": recd::clock::format_timestamp(if live { now - (i as i64 * 7919) % 600_000 } else { e.ts })})
     });
     // One batch at a time, so that only the bodies are held.
     let mut bodies = Vec::with_capacity(events.div_ceil(BATCH));
@@ -56,7 +63,10 @@ fn bodies(events: usize, run: &str) -> Vec<String> {
 /// Serves recd on `url` in this process and posts every body; events/s
 /// (counting the time to fold what the dashboard's counts left pending).
 async fn recd_ingest(url: &str, bodies: Arc<Vec<String>>, connections: usize) -> anyhow::Result<f64> {
-    let mut settings = Settings::with_database(url)?;
+    // recd's settings as `recd serve` takes them (RECD_* variables apply),
+    // on the bench's store.
+    let mut settings = Settings::load(None)?;
+    settings.database_url = recd::config::DatabaseUrl(url.to_owned());
     settings.listen = "127.0.0.1:0".parse()?;
     settings.train_interval = None;
     settings.database_max_connections = connections as u32 + 2;

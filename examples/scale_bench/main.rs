@@ -137,6 +137,10 @@ pub struct Args {
     /// Keep the loaded database at the end.
     #[arg(long)]
     pub keep: bool,
+    /// Load the shop and stop there, keeping the database (for measuring
+    /// something else on it, e.g. `stats_bench` with `RECD_BENCH_REUSE=1`).
+    #[arg(long)]
+    pub load_only: bool,
     /// Worker threads of the load generator's runtime.
     #[arg(long, default_value_t = 2)]
     pub client_threads: usize,
@@ -221,6 +225,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("loaded {shop}: {load}");
         table.figure("shop", shop);
         table.figure("bulk load (`COPY`, indexes, `ANALYZE`)", load);
+        if args.load_only {
+            println!("\n--load-only: {url} is kept as loaded");
+            return Ok(());
+        }
 
         // 2. `recd train`.
         println!("\n## recd train");
