@@ -122,10 +122,7 @@ impl App {
                 now.saturating_sub(ms(self.settings.item_activity_retention)),
             )
             .await?;
-        for (table, n) in ["event_minutes", "recommendation_minutes", "item_days"]
-            .into_iter()
-            .zip(deleted)
-        {
+        for (table, n) in deleted {
             metrics::counter!("recd_stats_rows_pruned_total", "table" => table).increment(n);
         }
         Ok(())

@@ -5,6 +5,7 @@
 
 use sqlx::Row;
 
+use super::serving::UserEventRow;
 use super::{Db, IdKind, Result, Store};
 use crate::domain::{Item, UserEvent};
 
@@ -113,7 +114,7 @@ impl Store {
              ORDER BY ts DESC, seq DESC LIMIT $4";
         let (ts, seq) = before.unwrap_or((i64::MAX, i64::MAX));
         let rows = on_pool!(self, pool => {
-            sqlx::query_as::<_, (String, i16, Option<f64>, i64, Option<String>, i64)>(SELECT)
+            sqlx::query_as::<_, UserEventRow>(SELECT)
                 .bind(self.ids.seal(IdKind::User, user_id))
                 .bind(ts)
                 .bind(seq)
@@ -121,18 +122,7 @@ impl Store {
                 .fetch_all(pool)
                 .await?
         });
-        rows.into_iter()
-            .map(|(item_id, kind, value, ts, session_id, seq)| {
-                Ok(UserEvent {
-                    item_id,
-                    kind,
-                    value,
-                    ts,
-                    session_id: self.ids.open_opt(IdKind::Session, session_id)?,
-                    seq,
-                })
-            })
-            .collect()
+        self.open_user_events(rows)
     }
 }
 

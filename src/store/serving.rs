@@ -30,6 +30,9 @@ type TrainingRow = (
 /// value, time, session (as stored).
 pub type ChurnRow = (String, i16, Option<f64>, i64, Option<String>);
 
+/// A row of `SELECT item_id, kind, value, ts, session_id, seq FROM events`.
+pub(super) type UserEventRow = (String, i16, Option<f64>, i64, Option<String>, i64);
+
 impl Store {
     /// The user's newest `limit` events, newest first (ties: later arrival
     /// first).
@@ -37,12 +40,18 @@ impl Store {
         const SELECT: &str = "SELECT item_id, kind, value, ts, session_id, seq FROM events
              WHERE user_id = $1 ORDER BY ts DESC, seq DESC LIMIT $2";
         let rows = on_pool!(self, pool => {
-            sqlx::query_as::<_, (String, i16, Option<f64>, i64, Option<String>, i64)>(SELECT)
+            sqlx::query_as::<_, UserEventRow>(SELECT)
                 .bind(self.ids.seal(IdKind::User, user_id))
                 .bind(limit)
                 .fetch_all(pool)
                 .await?
         });
+        self.open_user_events(rows)
+    }
+
+    /// A user's events as read from `events` (item_id, kind, value, ts,
+    /// session_id, seq), their session ids opened.
+    pub(super) fn open_user_events(&self, rows: Vec<UserEventRow>) -> Result<Vec<UserEvent>> {
         rows.into_iter()
             .map(|(item_id, kind, value, ts, session_id, seq)| {
                 Ok(UserEvent {

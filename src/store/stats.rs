@@ -86,6 +86,16 @@ const EXACT_COUNTS_BELOW: i64 = 1_000_000;
 const FOLD_KEY: i64 = 0x7265_6364_0003;
 const FOLD_MINUTES_KEY: i64 = 0x7265_6364_0004;
 
+/// Takes the fold lock `key` for the transaction if no other replica
+/// holds it; false when one does (that replica folds this round).
+async fn fold_lock(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, key: i64) -> Result<bool> {
+    let ours = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(key)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok(ours)
+}
+
 /// What one ingest batch adds: events per (minute, kind) and per (item,
 /// day, kind).
 #[derive(Debug, Default)]
@@ -113,9 +123,8 @@ impl Store {
     pub async fn event_buckets(&self, from_ms: i64, to_ms: i64, step_ms: i64) -> Result<Vec<(i64, i16, i64)>> {
         let table = Grain::of(from_ms, step_ms);
         let select = format!(
-            "SELECT ({t} - $1) / $3, kind, CAST(SUM(n) AS BIGINT) FROM event_{g}s
-             WHERE {t} >= $1 AND {t} < $2 GROUP BY 1, 2",
-            t = table.column(),
+            "SELECT ({g}_ms - $1) / $3, kind, CAST(SUM(n) AS BIGINT) FROM event_{g}s
+             WHERE {g}_ms >= $1 AND {g}_ms < $2 GROUP BY 1, 2",
             g = table.name()
         );
         let rows = on_pool!(self, pool => sqlx::query_as::<_, (i64, i16, i64)>(&select)
@@ -137,10 +146,9 @@ impl Store {
     ) -> Result<Vec<(i64, Option<String>, i64, i64)>> {
         let table = Grain::of(from_ms, step_ms);
         let select = format!(
-            "SELECT ({t} - $1) / $3, version, CAST(SUM(impressions) AS BIGINT),
+            "SELECT ({g}_ms - $1) / $3, version, CAST(SUM(impressions) AS BIGINT),
              CAST(SUM(clicks) AS BIGINT) FROM recommendation_{g}s
-             WHERE {t} >= $1 AND {t} < $2 GROUP BY 1, 2",
-            t = table.column(),
+             WHERE {g}_ms >= $1 AND {g}_ms < $2 GROUP BY 1, 2",
             g = table.name()
         );
         let rows = on_pool!(self, pool => sqlx::query_as::<_, (i64, String, i64, i64)>(&select)
@@ -177,11 +185,7 @@ impl Store {
             return Ok(0);
         };
         let mut tx = pool.begin().await?;
-        let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(FOLD_MINUTES_KEY)
-            .fetch_one(&mut *tx)
-            .await?;
-        if !ours {
+        if !fold_lock(&mut tx, FOLD_MINUTES_KEY).await? {
             return Ok(0);
         }
         let events: i64 = sqlx::query_scalar(
@@ -221,11 +225,7 @@ impl Store {
         match &self.db {
             Db::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
-                let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-                    .bind(FOLD_KEY)
-                    .fetch_one(&mut *tx)
-                    .await?;
-                if !ours {
+                if !fold_lock(&mut tx, FOLD_KEY).await? {
                     return Ok(0);
                 }
                 let folded: i64 = sqlx::query_scalar(
@@ -270,30 +270,25 @@ impl Store {
 
     /// Deletes minutes before `minutes_before_ms` (and the hours before
     /// the one it falls in) and item days before `days_before_ms`; returns
-    /// the rows deleted from each of `event_minutes`,
-    /// `recommendation_minutes` and `item_days`.
-    pub async fn prune_stats(&self, minutes_before_ms: i64, days_before_ms: i64) -> Result<[u64; 3]> {
+    /// each table with the rows deleted from it.
+    pub async fn prune_stats(&self, minutes_before_ms: i64, days_before_ms: i64) -> Result<Vec<(&'static str, u64)>> {
         let hours_before_ms = floor_to(minutes_before_ms, HOUR_MS);
+        let tables = [
+            ("event_minutes", "minute_ms", minutes_before_ms),
+            ("recommendation_minutes", "minute_ms", minutes_before_ms),
+            ("event_hours", "hour_ms", hours_before_ms),
+            ("recommendation_hours", "hour_ms", hours_before_ms),
+            ("item_days", "day_ms", days_before_ms),
+        ];
         let deleted = on_writer!(self, pool => {
-            let mut deleted = [0; 3];
-            for (i, (table, before)) in [
-                ("event_minutes WHERE minute_ms", minutes_before_ms),
-                ("recommendation_minutes WHERE minute_ms", minutes_before_ms),
-                ("item_days WHERE day_ms", days_before_ms),
-                ("event_hours WHERE hour_ms", hours_before_ms),
-                ("recommendation_hours WHERE hour_ms", hours_before_ms),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                let n = sqlx::query(&format!("DELETE FROM {table} < $1"))
+            let mut deleted = Vec::with_capacity(tables.len());
+            for (table, column, before) in tables {
+                let n = sqlx::query(&format!("DELETE FROM {table} WHERE {column} < $1"))
                     .bind(before)
                     .execute(pool)
                     .await?
                     .rows_affected();
-                if let Some(d) = deleted.get_mut(i) {
-                    *d = n;
-                }
+                deleted.push((table, n));
             }
             deleted
         });
@@ -432,7 +427,8 @@ impl Store {
 }
 
 /// Which counts a series reads: per minute, or per hour when its buckets
-/// are whole hours from the start of one.
+/// are whole hours from the start of one. Its name names the tables
+/// (`event_{name}s`) and their time column (`{name}_ms`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Grain {
     Minute,
@@ -452,13 +448,6 @@ impl Grain {
         match self {
             Grain::Minute => "minute",
             Grain::Hour => "hour",
-        }
-    }
-
-    fn column(self) -> &'static str {
-        match self {
-            Grain::Minute => "minute_ms",
-            Grain::Hour => "hour_ms",
         }
     }
 }
