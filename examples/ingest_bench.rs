@@ -80,6 +80,7 @@ async fn recd_ingest(url: &str, bodies: Arc<Vec<String>>, connections: usize) ->
     }));
 
     let started = Instant::now();
+    let cpu_before = (own_cpu_seconds(), postgres_cpu_seconds());
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..connections {
@@ -114,10 +115,54 @@ async fn recd_ingest(url: &str, bodies: Arc<Vec<String>>, connections: usize) ->
     app.fold_stats().await?;
     let folded = folding.elapsed().as_secs_f64();
     println!("  posted in {seconds:.1} s, the counts still pending folded in {folded:.2} s");
+    if let (Some(own), Some(pg)) = (own_cpu_seconds(), postgres_cpu_seconds()) {
+        let (own0, pg0) = (cpu_before.0.unwrap_or(own), cpu_before.1.unwrap_or(pg));
+        println!(
+            "  CPU while posting and folding: recd and the load generator {:.1} s, this machine's PostgreSQL {:.1} s, total {:.1} s",
+            own - own0,
+            pg - pg0,
+            own - own0 + pg - pg0
+        );
+    }
     seconds += folded;
     let _ = stop.send(());
     server.await??;
     Ok(accepted as f64 / seconds)
+}
+
+/// User and system CPU seconds of the process whose `/proc/<pid>/stat` is
+/// `stat`, with its reaped children's (Linux; 100 ticks a second).
+fn stat_cpu_seconds(stat: &str) -> Option<(String, f64)> {
+    let (head, rest) = stat.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_owned();
+    let fields: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    (fields.len() == 4).then(|| (comm, fields.iter().sum::<f64>() / 100.0))
+}
+
+/// The CPU this process has used (Linux).
+fn own_cpu_seconds() -> Option<f64> {
+    stat_cpu_seconds(&std::fs::read_to_string("/proc/self/stat").ok()?).map(|(_, s)| s)
+}
+
+/// The CPU the `postgres` processes on this machine have used, ended
+/// backends included (the postmaster reaps them): a local PostgreSQL's
+/// work, when it serves nothing else (Linux).
+fn postgres_cpu_seconds() -> Option<f64> {
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let stat = std::fs::read_to_string(entry.path().join("stat")).ok();
+        if let Some((comm, seconds)) = stat.and_then(|s| stat_cpu_seconds(&s)) {
+            if comm == "postgres" {
+                total += seconds;
+            }
+        }
+    }
+    Some(total)
 }
 
 /// recd's own CPU per event outside the store: parse a body and validate
