@@ -13,13 +13,19 @@ CREATE TABLE item_blocks (
     PRIMARY KEY (item_id, block_ms, kind)
 );
 
--- Each pending row gets an id, and `claimed_at`: when every event of the
--- batch was stored, the time it was (else NULL). The replica that stored
--- such a batch adds its counts up in memory and folds the row by id,
--- without reading it back; other replicas fold a claimed row only once it
--- is older than a grace period (its replica may have stopped).
+-- Each pending row gets an id. When every event of a batch was stored,
+-- its row holds the counts as recd packed them (`packed`: per count the
+-- day since the epoch (4 bytes), the item id's length (2) and UTF-8, the
+-- kind (1) and the count (4), big-endian) instead of the four arrays, and
+-- `claimed_at`, the time it was stored. The replica that stored such a
+-- batch adds its counts up in memory and folds the row by id, without
+-- reading it back; other replicas fold a claimed row only once it is
+-- older than a grace period (its replica may have stopped).
 ALTER TABLE item_days_pending ADD COLUMN id BIGINT GENERATED ALWAYS AS IDENTITY;
 ALTER TABLE item_days_pending ADD COLUMN claimed_at BIGINT;
+ALTER TABLE item_days_pending ADD COLUMN packed BYTEA;
+ALTER TABLE item_days_pending ALTER COLUMN items DROP NOT NULL, ALTER COLUMN days DROP NOT NULL,
+    ALTER COLUMN kinds DROP NOT NULL, ALTER COLUMN ns DROP NOT NULL;
 
 -- What item_days held goes back to pending, a row per block, and is folded
 -- into item_blocks by the next folds.

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use sqlx::{PgPool, Postgres, Transaction};
 
-use super::stats::{count_clicks, sqlite_recommendation_upsert, BatchCounts, Claims};
+use super::stats::{count_clicks, pack_counts, sqlite_recommendation_upsert, BatchCounts, Claims};
 use super::{Db, IdKind, Result, Store};
 use crate::domain::NewEvent;
 
@@ -292,8 +292,8 @@ async fn write_postgres(
         // One statement is its own transaction: no BEGIN and COMMIT round
         // trips.
         let (inserted, pending) = insert_events(pool, batch, now_ms, cutoffs, claim).await?;
-        if let Some(id) = pending {
-            claims.claim(id, batch, cutoffs.1);
+        if let Some((id, packed)) = pending {
+            claims.claim(id, &packed);
         }
         return Ok(inserted);
     }
@@ -333,8 +333,8 @@ async fn write_postgres(
         .await?;
     }
     tx.commit().await?;
-    if let Some(id) = pending {
-        claims.claim(id, &batch, cutoffs.1);
+    if let Some((id, packed)) = pending {
+        claims.claim(id, &packed);
     }
     Ok(inserted)
 }
@@ -348,9 +348,11 @@ async fn write_postgres(
 /// share the current minute's rows), and hundreds of per-item upserts a
 /// batch cost ingest a third of its speed. The clicks' part is only sent for
 /// batches that carry recommendation ids. When every event sent (`$12`) was
-/// stored, the per-item pending row is marked claimed and its id returned:
-/// this process adds the same counts up in memory (`stats::Claims`) and
-/// folds the row by id, without reading it back.
+/// stored, the per-item pending row is instead the batch's counts as recd
+/// packed them (`$13`, `stats::pack_counts`: no grouping or arrays for
+/// PostgreSQL to make), marked claimed, and its id is returned: this
+/// process adds the same counts up in memory (`stats::Claims`) and folds
+/// the row by id, without reading it back.
 macro_rules! insert_events_sql {
     ($clicks:literal) => {
         concat!(
@@ -365,31 +367,36 @@ macro_rules! insert_events_sql {
     FROM (SELECT ts - ts % 60000 AS minute_ms, kind, COUNT(*) AS n FROM stored WHERE ts >= $10 GROUP BY 1, 2) AS per_minute
     HAVING COUNT(*) > 0
 ), days AS (
-    INSERT INTO item_days_pending (items, days, kinds, ns, claimed_at)
-    SELECT array_agg(item_id), array_agg(day_ms), array_agg(kind), array_agg(n),
-           CASE WHEN (SELECT COUNT(*) FROM stored) = $12 THEN $9::int8 END
-    FROM (SELECT item_id, ts - ts % 86400000 AS day_ms, kind, COUNT(*) AS n FROM stored WHERE ts >= $11
+    INSERT INTO item_days_pending (items, days, kinds, ns)
+    SELECT array_agg(item_id), array_agg(day_ms), array_agg(kind), array_agg(n)
+    FROM (SELECT item_id, ts - ts % 86400000 AS day_ms, kind, COUNT(*) AS n FROM stored
+          WHERE ts >= $11 AND (SELECT COUNT(*) FROM stored) <> $12
           GROUP BY 1, 2, 3) AS per_item
     HAVING COUNT(*) > 0
-    RETURNING id, claimed_at
+), packed AS (
+    INSERT INTO item_days_pending (packed, claimed_at)
+    SELECT $13, $9 WHERE $13 IS NOT NULL AND (SELECT COUNT(*) FROM stored) = $12
+    RETURNING id
 )",
             $clicks,
             "
-SELECT (SELECT COUNT(*) FROM stored), (SELECT id FROM days WHERE claimed_at IS NOT NULL)"
+SELECT (SELECT COUNT(*) FROM stored), (SELECT id FROM packed)"
         )
     };
 }
 
 /// One with the user, id and timestamp of a stored event is skipped.
-/// Returns how many were stored, and the id of the batch's pending per-item
-/// row when it is claimed (`claim`: whether to ask for that).
+/// Returns how many were stored, and the id and packed counts of the batch's
+/// pending per-item row when it is claimed (`claim`: whether to ask for
+/// that).
 async fn insert_events<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     batch: &[&NewEvent],
     now_ms: i64,
     (first_minute, first_day): (i64, i64),
     claim: bool,
-) -> std::result::Result<(u64, Option<i64>), sqlx::Error> {
+) -> std::result::Result<(u64, Option<(i64, Vec<u8>)>), sqlx::Error> {
+    let packed = if claim { pack_counts(batch, first_day) } else { None };
     const PLAIN: &str = insert_events_sql!("");
     const WITH_CLICKS: &str = insert_events_sql!(
         ", clicks AS (
@@ -419,9 +426,10 @@ async fn insert_events<'e>(
         .bind(first_minute)
         .bind(first_day)
         .bind(if claim { batch.len() as i64 } else { -1 })
+        .bind(packed.as_deref())
         .fetch_one(executor)
         .await?;
-    Ok((u64::try_from(stored).unwrap_or(0), pending))
+    Ok((u64::try_from(stored).unwrap_or(0), pending.zip(packed)))
 }
 
 /// Counts the clicks among events just stored (recommendation id, item id,

@@ -505,8 +505,68 @@ type BlockKey = (String, i64, i16);
 type BlockRow = (BlockKey, [i64; BLOCK_DAYS]);
 /// A row of `item_blocks` as stored.
 type StoredBlock = (String, i64, i16, Vec<u8>);
-/// A pending row on PostgreSQL: items, days, kinds and counts.
-type PendingArrays = (Vec<String>, Vec<i64>, Vec<i16>, Vec<i64>);
+/// A pending row on PostgreSQL: items, days, kinds and counts, or the
+/// counts packed (`pack_counts`).
+type PendingRow = (
+    Option<Vec<String>>,
+    Option<Vec<i64>>,
+    Option<Vec<i16>>,
+    Option<Vec<i64>>,
+    Option<Vec<u8>>,
+);
+
+/// A batch's events from `first_day` on counted per (day, item, kind), in
+/// that order, as one value: per count the day (days since the epoch, 4
+/// bytes), the item id's length (2 bytes) and UTF-8, the kind (1 byte) and
+/// the count (4 bytes), integers big-endian. None when nothing counts.
+pub(super) fn pack_counts(batch: &[&NewEvent], first_day: i64) -> Option<Vec<u8>> {
+    let mut counts: BTreeMap<(i64, &str, i16), u32> = BTreeMap::new();
+    for e in batch.iter().filter(|e| e.ts >= first_day) {
+        // The day as the statement's SQL takes it (`ts - ts % 86400000`).
+        let day = (e.ts - e.ts % DAY_MS) / DAY_MS;
+        *counts.entry((day, &e.item_id, e.kind.code())).or_default() += 1;
+    }
+    if counts.is_empty() {
+        return None;
+    }
+    let mut packed = Vec::with_capacity(counts.len() * 24);
+    for ((day, item_id, kind), n) in counts {
+        let (Ok(day), Ok(len), Ok(kind)) = (i32::try_from(day), u16::try_from(item_id.len()), u8::try_from(kind))
+        else {
+            // Out of any range ingest accepts: not claimed, counted by SQL.
+            return None;
+        };
+        packed.extend_from_slice(&day.to_be_bytes());
+        packed.extend_from_slice(&len.to_be_bytes());
+        packed.extend_from_slice(item_id.as_bytes());
+        packed.push(kind);
+        packed.extend_from_slice(&n.to_be_bytes());
+    }
+    Some(packed)
+}
+
+/// Adds the counts `pack_counts` packed to `blocks` (a truncated value
+/// adds what it holds whole).
+fn unpack_counts(mut packed: &[u8], blocks: &mut Blocks) {
+    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = bytes.split_at_checked(n)?;
+        *bytes = rest;
+        Some(head)
+    }
+    let mut next = || -> Option<(String, i64, i16, i64)> {
+        let day = i32::from_be_bytes(take(&mut packed, 4)?.try_into().ok()?);
+        let len = u16::from_be_bytes(take(&mut packed, 2)?.try_into().ok()?);
+        let item_id = std::str::from_utf8(take(&mut packed, usize::from(len))?)
+            .ok()?
+            .to_owned();
+        let kind = take(&mut packed, 1)?[0];
+        let n = u32::from_be_bytes(take(&mut packed, 4)?.try_into().ok()?);
+        Some((item_id, i64::from(day) * DAY_MS, i16::from(kind), i64::from(n)))
+    };
+    while let Some((item_id, day, kind, n)) = next() {
+        blocks.add(item_id, day, kind, n);
+    }
+}
 
 /// Per-item counts being folded: per (item, block, kind), the block's
 /// daily counts.
@@ -590,14 +650,12 @@ impl Claims {
         self.lock().blocks.0.len() < CLAIMED_KEYS
     }
 
-    /// Adds a committed batch whose pending row `id` was claimed: its
-    /// events from `first_day` on, as the statement counted them.
-    pub(super) fn claim(&self, id: i64, batch: &[&NewEvent], first_day: i64) {
+    /// Adds a committed batch whose pending row `id` was claimed, with the
+    /// counts that row holds (`pack_counts`).
+    pub(super) fn claim(&self, id: i64, packed: &[u8]) {
         let mut claimed = self.lock();
         claimed.ids.push(id);
-        for e in batch.iter().filter(|e| e.ts >= first_day) {
-            claimed.blocks.add(e.item_id.clone(), e.ts, e.kind.code(), 1);
-        }
+        unpack_counts(packed, &mut claimed.blocks);
     }
 
     fn take(&self) -> Claimed {
@@ -640,11 +698,11 @@ async fn fold_item_days_postgres(pool: &sqlx::PgPool, claimed_before: i64) -> Re
     if !fold_lock(&mut tx, FOLD_KEY).await? {
         return Ok(0);
     }
-    let pending: Vec<PendingArrays> = sqlx::query_as(
+    let pending: Vec<PendingRow> = sqlx::query_as(
         "DELETE FROM item_days_pending
          WHERE ctid = ANY(ARRAY(SELECT ctid FROM item_days_pending
                                 WHERE claimed_at IS NULL OR claimed_at < $2 LIMIT $1))
-         RETURNING items, days, kinds, ns",
+         RETURNING items, days, kinds, ns, packed",
     )
     .bind(FOLD_ROWS)
     .bind(claimed_before)
@@ -652,8 +710,12 @@ async fn fold_item_days_postgres(pool: &sqlx::PgPool, claimed_before: i64) -> Re
     .await?;
     let folded = pending.len() as u64;
     let mut blocks = Blocks::default();
-    for (items, days, kinds, ns) in pending {
-        for (((item_id, day), kind), n) in items.into_iter().zip(days).zip(kinds).zip(ns) {
+    for (items, days, kinds, ns, packed) in pending {
+        if let Some(packed) = packed {
+            unpack_counts(&packed, &mut blocks);
+        }
+        let arrays = items.into_iter().flatten().zip(days.into_iter().flatten());
+        for ((item_id, day), (kind, n)) in arrays.zip(kinds.into_iter().flatten().zip(ns.into_iter().flatten())) {
             blocks.add(item_id, day, kind, n);
         }
     }
@@ -854,6 +916,43 @@ mod tests {
         assert_eq!(rows[1].1.iter().sum::<i64>(), 6);
         assert_eq!(decode_block(&encode_block(&rows[1].1)), rows[1].1);
         assert_eq!(encode_block(&rows[0].1).len(), 256);
+    }
+
+    #[test]
+    fn packed_counts_come_back_as_they_went() {
+        use crate::domain::EventType;
+        let event = |item: &str, kind: EventType, ts: i64| NewEvent {
+            event_id: None,
+            user_id: "u".into(),
+            item_id: item.into(),
+            kind,
+            value: None,
+            ts,
+            timestamped: true,
+            session_id: None,
+            recommendation_id: None,
+        };
+        let day = 20_000 * DAY_MS;
+        let events = [
+            event("é-1", EventType::View, day + 5),
+            event("é-1", EventType::View, day + 7),
+            event("b", EventType::Purchase, day + DAY_MS),
+            event("old", EventType::View, day - 1),
+        ];
+        let batch: Vec<&NewEvent> = events.iter().collect();
+        let packed = pack_counts(&batch, day).unwrap();
+        assert_eq!(packed.len(), 2 * 11 + "é-1".len() + "b".len());
+        let mut blocks = Blocks::default();
+        unpack_counts(&packed, &mut blocks);
+        let mut expected = Blocks::default();
+        expected.add("é-1".into(), day, 0, 2);
+        expected.add("b".into(), day + DAY_MS, 5, 1);
+        assert_eq!(blocks.sorted(), expected.sorted());
+        // A cut value gives what it holds whole; nothing to count, no value.
+        let mut cut = Blocks::default();
+        unpack_counts(&packed[..packed.len() - 3], &mut cut);
+        assert_eq!(cut.0.len(), 1);
+        assert_eq!(pack_counts(&batch[3..], day), None);
     }
 
     #[test]
