@@ -781,13 +781,16 @@ async fn fold_item_days_sqlite(write: &sqlx::SqlitePool) -> Result<u64> {
     }
     let mut rows = blocks.sorted();
     for chunk in rows.chunks_mut(CHUNK) {
-        let mut select = sqlx::QueryBuilder::<Sqlite>::new(
-            "SELECT item_id, block_ms, kind, counts FROM item_blocks WHERE (item_id, block_ms, kind) IN (",
-        );
+        // A join from the keys, so that each is looked up by the primary
+        // key (`(…) IN (VALUES …)` would scan the table for every chunk).
+        let mut select = sqlx::QueryBuilder::<Sqlite>::new("WITH k (item_id, block_ms, kind) AS (");
         select.push_values(chunk.iter(), |mut row, ((item_id, block, kind), _)| {
             row.push_bind(item_id.as_str()).push_bind(*block).push_bind(*kind);
         });
-        select.push(")");
+        select.push(
+            ") SELECT b.item_id, b.block_ms, b.kind, b.counts FROM k
+             JOIN item_blocks AS b ON b.item_id = k.item_id AND b.block_ms = k.block_ms AND b.kind = k.kind",
+        );
         let stored: Vec<StoredBlock> = select.build_query_as().fetch_all(&mut *tx).await?;
         merge_stored(chunk, stored);
         let mut upsert =
