@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use sqlx::{PgPool, Postgres, Transaction};
 
-use super::stats::{count_clicks, pack_counts, sqlite_recommendation_upsert, BatchCounts, Claims};
+use super::stats::{count_clicks, sqlite_recommendation_upsert, BatchCounts};
 use super::{Db, IdKind, Result, Store};
 use crate::domain::NewEvent;
 
@@ -126,12 +126,12 @@ impl Store {
                 let batch = without_repeats(events);
                 let cutoffs = self.stats_keep().cutoffs(now_ms);
                 ensure_partitions(pool, &batch, false).await?;
-                match write_postgres(pool, &batch, item_ids, now_ms, cutoffs, &self.claims).await {
+                match write_postgres(pool, &batch, item_ids, now_ms, cutoffs).await {
                     // A partition dropped by retention (here or on another
                     // replica) after this process made sure of it.
                     Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23514") => {
                         ensure_partitions(pool, &batch, true).await?;
-                        Ok(write_postgres(pool, &batch, item_ids, now_ms, cutoffs, &self.claims).await?)
+                        Ok(write_postgres(pool, &batch, item_ids, now_ms, cutoffs).await?)
                     }
                     result => Ok(result?),
                 }
@@ -272,17 +272,13 @@ async fn partitions(pool: &PgPool) -> Result<Vec<(String, i64)>> {
         .collect())
 }
 
-/// Stores a batch on PostgreSQL; once committed, hands its per-item counts
-/// to `claims` when its pending row was claimed.
 async fn write_postgres(
     pool: &PgPool,
     batch: &[&NewEvent],
     item_ids: &[&str],
     now_ms: i64,
     cutoffs: (i64, i64),
-    claims: &Claims,
 ) -> std::result::Result<u64, sqlx::Error> {
-    let claim = claims.has_room();
     let untimed: Vec<&NewEvent> = batch
         .iter()
         .copied()
@@ -291,11 +287,7 @@ async fn write_postgres(
     if untimed.is_empty() && item_ids.is_empty() {
         // One statement is its own transaction: no BEGIN and COMMIT round
         // trips.
-        let (inserted, pending) = insert_events(pool, batch, now_ms, cutoffs, claim).await?;
-        if let Some((id, packed)) = pending {
-            claims.claim(id, &packed);
-        }
-        return Ok(inserted);
+        return insert_events(pool, batch, now_ms, cutoffs).await;
     }
     let mut tx: Transaction<'_, Postgres> = pool.begin().await?;
     let mut batch = batch.to_vec();
@@ -321,7 +313,7 @@ async fn write_postgres(
             _ => true,
         });
     }
-    let (inserted, pending) = insert_events(&mut *tx, &batch, now_ms, cutoffs, claim).await?;
+    let inserted = insert_events(&mut *tx, &batch, now_ms, cutoffs).await?;
     if !item_ids.is_empty() {
         sqlx::query(
             "INSERT INTO items (item_id, updated_at) SELECT id, $2 FROM UNNEST($1::text[]) AS id
@@ -333,9 +325,6 @@ async fn write_postgres(
         .await?;
     }
     tx.commit().await?;
-    if let Some((id, packed)) = pending {
-        claims.claim(id, &packed);
-    }
     Ok(inserted)
 }
 
@@ -347,12 +336,7 @@ async fn write_postgres(
 /// here would make every batch wait for the one before it to commit (they
 /// share the current minute's rows), and hundreds of per-item upserts a
 /// batch cost ingest a third of its speed. The clicks' part is only sent for
-/// batches that carry recommendation ids. When every event sent (`$12`) was
-/// stored, the per-item pending row is instead the batch's counts as recd
-/// packed them (`$13`, `stats::pack_counts`: no grouping or arrays for
-/// PostgreSQL to make), marked claimed, and its id is returned: this
-/// process adds the same counts up in memory (`stats::Claims`) and folds
-/// the row by id, without reading it back.
+/// batches that carry recommendation ids.
 macro_rules! insert_events_sql {
     ($clicks:literal) => {
         concat!(
@@ -369,34 +353,25 @@ macro_rules! insert_events_sql {
 ), days AS (
     INSERT INTO item_days_pending (items, days, kinds, ns)
     SELECT array_agg(item_id), array_agg(day_ms), array_agg(kind), array_agg(n)
-    FROM (SELECT item_id, ts - ts % 86400000 AS day_ms, kind, COUNT(*) AS n FROM stored
-          WHERE ts >= $11 AND (SELECT COUNT(*) FROM stored) <> $12
+    FROM (SELECT item_id, ts - ts % 86400000 AS day_ms, kind, COUNT(*) AS n FROM stored WHERE ts >= $11
           GROUP BY 1, 2, 3) AS per_item
     HAVING COUNT(*) > 0
-), packed AS (
-    INSERT INTO item_days_pending (packed, claimed_at)
-    SELECT $13, $9 WHERE $13 IS NOT NULL AND (SELECT COUNT(*) FROM stored) = $12
-    RETURNING id
 )",
             $clicks,
             "
-SELECT (SELECT COUNT(*) FROM stored), (SELECT id FROM packed)"
+SELECT COUNT(*) FROM stored"
         )
     };
 }
 
 /// One with the user, id and timestamp of a stored event is skipped.
-/// Returns how many were stored, and the id and packed counts of the batch's
-/// pending per-item row when it is claimed (`claim`: whether to ask for
-/// that).
+/// Returns how many were stored.
 async fn insert_events<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     batch: &[&NewEvent],
     now_ms: i64,
     (first_minute, first_day): (i64, i64),
-    claim: bool,
-) -> std::result::Result<(u64, Option<(i64, Vec<u8>)>), sqlx::Error> {
-    let packed = if claim { pack_counts(batch, first_day) } else { None };
+) -> std::result::Result<u64, sqlx::Error> {
     const PLAIN: &str = insert_events_sql!("");
     const WITH_CLICKS: &str = insert_events_sql!(
         ", clicks AS (
@@ -413,7 +388,7 @@ async fn insert_events<'e>(
     } else {
         PLAIN
     };
-    let (stored, pending): (i64, Option<i64>) = sqlx::query_as(sql)
+    let stored: i64 = sqlx::query_scalar(sql)
         .bind(batch.iter().map(|e| e.event_id.as_deref()).collect::<Vec<_>>())
         .bind(batch.iter().map(|e| e.user_id.as_str()).collect::<Vec<_>>())
         .bind(batch.iter().map(|e| e.item_id.as_str()).collect::<Vec<_>>())
@@ -425,11 +400,9 @@ async fn insert_events<'e>(
         .bind(now_ms)
         .bind(first_minute)
         .bind(first_day)
-        .bind(if claim { batch.len() as i64 } else { -1 })
-        .bind(packed.as_deref())
         .fetch_one(executor)
         .await?;
-    Ok((u64::try_from(stored).unwrap_or(0), pending.zip(packed)))
+    Ok(u64::try_from(stored).unwrap_or(0))
 }
 
 /// Counts the clicks among events just stored (recommendation id, item id,
