@@ -80,7 +80,7 @@ async fn recd_ingest(url: &str, bodies: Arc<Vec<String>>, connections: usize) ->
     }));
 
     let started = Instant::now();
-    let cpu_before = (own_cpu_seconds(), postgres_cpu_seconds());
+    let cpu_before = cpu_seconds();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for _ in 0..connections {
@@ -115,13 +115,11 @@ async fn recd_ingest(url: &str, bodies: Arc<Vec<String>>, connections: usize) ->
     app.fold_stats().await?;
     let folded = folding.elapsed().as_secs_f64();
     println!("  posted in {seconds:.1} s, the counts still pending folded in {folded:.2} s");
-    if let (Some(own), Some(pg)) = (own_cpu_seconds(), postgres_cpu_seconds()) {
-        let (own0, pg0) = (cpu_before.0.unwrap_or(own), cpu_before.1.unwrap_or(pg));
+    if let (Some((own0, pg0)), Some((own, pg))) = (cpu_before, cpu_seconds()) {
+        let (own, pg) = (own - own0, pg - pg0);
         println!(
-            "  CPU while posting and folding: recd and the load generator {:.1} s, this machine's PostgreSQL {:.1} s, total {:.1} s",
-            own - own0,
-            pg - pg0,
-            own - own0 + pg - pg0
+            "  CPU while posting and folding: recd and the load generator {own:.1} s, this machine's PostgreSQL {pg:.1} s, total {:.1} s",
+            own + pg
         );
     }
     seconds += folded;
@@ -144,9 +142,10 @@ fn stat_cpu_seconds(stat: &str) -> Option<(String, f64)> {
     (fields.len() == 4).then(|| (comm, fields.iter().sum::<f64>() / 100.0))
 }
 
-/// The CPU this process has used (Linux).
-fn own_cpu_seconds() -> Option<f64> {
-    stat_cpu_seconds(&std::fs::read_to_string("/proc/self/stat").ok()?).map(|(_, s)| s)
+/// The CPU this process and the machine's PostgreSQL have used (Linux).
+fn cpu_seconds() -> Option<(f64, f64)> {
+    let own = stat_cpu_seconds(&std::fs::read_to_string("/proc/self/stat").ok()?)?.1;
+    Some((own, postgres_cpu_seconds()?))
 }
 
 /// The CPU the `postgres` processes on this machine have used, ended
