@@ -11,7 +11,7 @@ const ui = {
   scope: null,        // "read" | "write" | "admin", once known
   keysRequired: true,
   charts: [],         // Chart instances of the page on screen
-  page: null,
+  render: 0,          // counts route()s: a page drawn by an earlier one is stale
 };
 
 // ---------------------------------------------------------------- the API
@@ -32,7 +32,15 @@ async function api(path, options = {}) {
   const headers = Object.assign({ Accept: "application/json" }, options.headers || {});
   const key = storedKey();
   if (key) headers.Authorization = `Bearer ${key}`;
-  const response = await fetch(path, { method: options.method || "GET", headers });
+  const method = options.method || "GET";
+  let response = await fetch(path, { method, headers });
+  // A busy server answers 503 (overloaded, timeout) or 429 with Retry-After:
+  // a read is asked again after it, up to twice, before the page shows it.
+  for (let retry = 0; retry < 2 && method === "GET" && [429, 503].includes(response.status); retry += 1) {
+    const after = Number(response.headers.get("retry-after")) || 1;
+    await new Promise((resolve) => setTimeout(resolve, Math.min(after, 5) * 1000));
+    response = await fetch(path, { method, headers });
+  }
   if (response.status === 401 && !options.allow401) {
     sessionStorage.removeItem(KEY_STORAGE);
     showSignIn("The key was refused; sign in again.");
@@ -128,9 +136,18 @@ function table(headers, rows) {
   return el("table", {}, el("thead", {}, head), el("tbody", {}, body));
 }
 
-function chart(canvasId, config) {
-  const canvas = document.getElementById(canvasId);
+// Draws a chart on the canvas `canvasId` of `root` (a page's own view):
+// nothing when that view is no longer on screen (the page was routed away
+// from, or drawn again, while it waited for the API); a chart already on
+// the canvas is replaced.
+function chart(root, canvasId, config) {
+  const canvas = root.isConnected ? root.querySelector(`#${canvasId}`) : null;
   if (!canvas) return null;
+  const old = Chart.getChart(canvas);
+  if (old) {
+    old.destroy();
+    ui.charts = ui.charts.filter((c) => c !== old);
+  }
   config.options = Object.assign({ responsive: true, maintainAspectRatio: false, animation: false }, config.options || {});
   const made = new Chart(canvas, config);
   ui.charts.push(made);
@@ -215,14 +232,21 @@ function route() {
   for (const made of ui.charts) made.destroy();
   ui.charts = [];
   showError(null);
+  // Each drawing gets a view of its own: one still waiting for the API when
+  // the page is drawn again (a sign-in, then the hash) fills a view that is
+  // no longer shown, and neither its errors nor its end count.
+  ui.render += 1;
+  const render = ui.render;
+  const current = () => ui.render === render;
+  const view = el("div");
   const root = document.getElementById("page");
-  root.replaceChildren();
+  root.replaceChildren(view);
   root.dataset.page = page;
+  root.dataset.render = String(render);
   root.dataset.ready = "false";
-  ui.page = page;
-  PAGES[page](root, decodeURIComponent(rest.join("/")))
-    .catch(showError)
-    .finally(() => { if (ui.page === page) root.dataset.ready = "true"; });
+  PAGES[page](view, decodeURIComponent(rest.join("/")))
+    .catch((error) => { if (current()) showError(error); })
+    .finally(() => { if (current()) root.dataset.ready = "true"; });
 }
 
 // ---------------------------------------------------------------- overview
@@ -259,8 +283,7 @@ async function overviewPage(root) {
   const drawEvents = async (range) => {
     const stats = await api(`/v1/stats/events?range=${range}`);
     const labels = stats.t.map((t) => fmtTime(t, stats.step_seconds));
-    ui.charts = ui.charts.filter((c) => (c.canvas.id === "chart-events" ? (c.destroy(), false) : true));
-    chart("chart-events", { type: "line", data: { labels,
+    chart(root, "chart-events", { type: "line", data: { labels,
       datasets: KINDS.map((kind, i) => lineSeries(kind, stats.counts[kind], i, { fill: true })) },
       options: { scales: { y: { stacked: true, beginAtZero: true, title: { display: true,
         text: `events per ${stats.step_seconds / 60} min` } } } } });
@@ -269,7 +292,6 @@ async function overviewPage(root) {
   const drawRecs = async (range) => {
     const stats = await api(`/v1/stats/recommendations?range=${range}`);
     const labels = stats.t.map((t) => fmtTime(t, stats.step_seconds));
-    ui.charts = ui.charts.filter((c) => (c.canvas.id === "chart-recs" ? (c.destroy(), false) : true));
     const datasets = [];
     stats.versions.forEach((v, i) => {
       const name = v.version || "no model";
@@ -277,7 +299,7 @@ async function overviewPage(root) {
       datasets.push(lineSeries(`${name} CTR`, v.impressions.map((n, j) => (n ? v.clicks[j] / n : null)), i,
         { yAxisID: "ctr", borderDash: [4, 3], spanGaps: true }));
     });
-    chart("chart-recs", { type: "line", data: { labels, datasets }, options: { scales: {
+    chart(root, "chart-recs", { type: "line", data: { labels, datasets }, options: { scales: {
       y: { beginAtZero: true, title: { display: true, text: "answers" } },
       ctr: { position: "right", beginAtZero: true, grid: { drawOnChartArea: false },
         title: { display: true, text: "click-through" } } } } });
@@ -287,7 +309,7 @@ async function overviewPage(root) {
   const hour = await drawEvents("hour");
   await drawRecs("day");
   const totals = hour.t.map((_, j) => KINDS.reduce((sum, kind) => sum + hour.counts[kind][j], 0));
-  chart("spark-events", { type: "line", data: { labels: hour.t, datasets: [lineSeries("events", totals, 0)] },
+  chart(root, "spark-events", { type: "line", data: { labels: hour.t, datasets: [lineSeries("events", totals, 0)] },
     options: { plugins: { legend: { display: false }, tooltip: { enabled: false } },
       scales: { x: { display: false }, y: { display: false, beginAtZero: true } } } });
 }
@@ -330,7 +352,7 @@ async function modelPage(root) {
     card("Held-out NDCG@10 per training", chartBox("chart-ndcg"))));
   const history = (model.history || []).slice().reverse();
   const measured = history.filter((h) => h.metrics);
-  chart("chart-ndcg", { type: "line", data: {
+  chart(root, "chart-ndcg", { type: "line", data: {
     labels: measured.map((h) => fmtDate(h.started_at).slice(5, 16)),
     datasets: [
       lineSeries("model", measured.map((h) => h.metrics.model["ndcg@10"]), 0, { pointRadius: 3 }),
@@ -395,7 +417,7 @@ async function shoppersPage(root, userId) {
     byDay.get(day)[e.type] += 1;
   }
   const days = [...byDay.keys()].sort();
-  chart("chart-timeline", { type: "bar", data: { labels: days,
+  chart(root, "chart-timeline", { type: "bar", data: { labels: days,
     datasets: KINDS.map((kind, i) => ({ label: kind, data: days.map((d) => byDay.get(d)[kind]),
       backgroundColor: PALETTE[i] })) },
     options: { scales: { x: { stacked: true }, y: { stacked: true, beginAtZero: true } } } });
@@ -480,7 +502,7 @@ async function itemsPage(root, itemId) {
       el("dt", {}, "ratings"), el("dd", {}, stats.ratings && stats.ratings.count
         ? `${fmtNum(stats.ratings.mean, 2)} over ${stats.ratings.count}` : "none"))),
     card("Interactions per day, last 30 days", chartBox("chart-activity"))));
-  chart("chart-activity", { type: "bar", data: { labels: activity.t.map((t) => fmtTime(t, activity.step_seconds)),
+  chart(root, "chart-activity", { type: "bar", data: { labels: activity.t.map((t) => fmtTime(t, activity.step_seconds)),
     datasets: KINDS.map((kind, i) => ({ label: kind, data: activity.counts[kind], backgroundColor: PALETTE[i] })) },
     options: { scales: { x: { stacked: true }, y: { stacked: true, beginAtZero: true } } } });
   root.append(card("Similar items", table(["item", "title", "categories", { label: "score", num: true }],
@@ -500,12 +522,12 @@ async function segmentsPage(root, name) {
   root.append(el("div", { class: "cards" },
     card("Shoppers per segment", chartBox("chart-segments")),
     card("Churn risk of the shoppers", chartBox("chart-churn"))));
-  chart("chart-segments", { type: "bar", data: { labels: segments.segments.map((s) => s.name),
+  chart(root, "chart-segments", { type: "bar", data: { labels: segments.segments.map((s) => s.name),
     datasets: [{ label: "shoppers", data: segments.segments.map((s) => s.size),
       backgroundColor: segments.segments.map((_, i) => PALETTE[i]) }] },
     options: { plugins: { legend: { display: false } }, scales: { y: { beginAtZero: true } } } });
   const histogram = segments.churn_risk_histogram || [];
-  chart("chart-churn", { type: "bar", data: {
+  chart(root, "chart-churn", { type: "bar", data: {
     labels: histogram.map((b) => `${b.from.toFixed(1)}–${b.to.toFixed(1)}`),
     datasets: [{ label: "shoppers", data: histogram.map((b) => b.users), backgroundColor: PALETTE[3] }] },
     options: { plugins: { legend: { display: false } }, scales: { y: { beginAtZero: true },
@@ -568,7 +590,7 @@ async function embeddingsPage(root) {
     .map(([category, data], i) => ({ label: category, data, backgroundColor: PALETTE[i % PALETTE.length],
       pointRadius: 3, pointHoverRadius: 6 }));
   root.append(card("Map, coloured by category", chartBox("chart-embeddings", true)));
-  chart("chart-embeddings", { type: "scatter", data: { datasets }, options: {
+  chart(root, "chart-embeddings", { type: "scatter", data: { datasets }, options: {
     plugins: { tooltip: { callbacks: { label: (ctx) => {
       const item = ctx.raw.item;
       return `${item.item_id}${item.title ? ` — ${item.title}` : ""} (${item.category || "no category"})`;
