@@ -107,12 +107,17 @@ async fn make_counts(store: &Store) -> anyhow::Result<()> {
     .bind(now - 8 * DAY_MS)
     .execute(pool)
     .await?;
+    // The per-item counts as pending rows, a row per day, folded as the
+    // background folds them.
     sqlx::query(
-        "INSERT INTO item_days (item_id, day_ms, kind, n)
-         SELECT item_id, ts - ts % 86400000, kind, COUNT(*) FROM events GROUP BY 1, 2, 3",
+        "INSERT INTO item_days_pending (items, days, kinds, ns)
+         SELECT array_agg(item_id), array_agg(day_ms), array_agg(kind), array_agg(n)
+         FROM (SELECT item_id, ts - ts % 86400000 AS day_ms, kind, COUNT(*) AS n FROM events GROUP BY 1, 2, 3) AS c
+         GROUP BY day_ms",
     )
     .execute(pool)
     .await?;
+    store.fold_item_days(std::time::Duration::ZERO).await?;
     sqlx::query(
         "INSERT INTO recommendation_minutes (minute_ms, version, impressions, clicks)
          SELECT m, v, 100, 3 FROM generate_series($1::int8, $2::int8, 60000) AS m,
@@ -127,7 +132,7 @@ async fn make_counts(store: &Store) -> anyhow::Result<()> {
     for table in [
         "event_minutes",
         "event_hours",
-        "item_days",
+        "item_blocks",
         "recommendation_minutes",
         "recommendation_hours",
     ] {
@@ -177,7 +182,7 @@ async fn main() -> anyhow::Result<()> {
             first.map(recd::clock::format_timestamp).unwrap_or_default(),
             last.map(recd::clock::format_timestamp).unwrap_or_default()
         );
-        for table in ["event_minutes", "item_days", "recommendation_minutes"] {
+        for table in ["event_minutes", "item_blocks", "recommendation_minutes"] {
             sqlx::query(&format!("TRUNCATE {table}")).execute(pool).await?;
         }
         sqlx::query("TRUNCATE event_hours, recommendation_hours")

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use sqlx::{PgPool, Postgres, Transaction};
 
-use super::stats::{count_clicks, sqlite_recommendation_upsert, BatchCounts};
+use super::stats::{count_clicks, pack_counts, sqlite_recommendation_upsert, BatchCounts, Claims};
 use super::{Db, IdKind, Result, Store};
 use crate::domain::NewEvent;
 
@@ -126,12 +126,12 @@ impl Store {
                 let batch = without_repeats(events);
                 let cutoffs = self.stats_keep().cutoffs(now_ms);
                 ensure_partitions(pool, &batch, false).await?;
-                match write_postgres(pool, &batch, item_ids, now_ms, cutoffs).await {
+                match write_postgres(pool, &batch, item_ids, now_ms, cutoffs, &self.claims).await {
                     // A partition dropped by retention (here or on another
                     // replica) after this process made sure of it.
                     Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23514") => {
                         ensure_partitions(pool, &batch, true).await?;
-                        Ok(write_postgres(pool, &batch, item_ids, now_ms, cutoffs).await?)
+                        Ok(write_postgres(pool, &batch, item_ids, now_ms, cutoffs, &self.claims).await?)
                     }
                     result => Ok(result?),
                 }
@@ -272,13 +272,17 @@ async fn partitions(pool: &PgPool) -> Result<Vec<(String, i64)>> {
         .collect())
 }
 
+/// Stores a batch on PostgreSQL; once committed, hands its per-item counts
+/// to `claims` when its pending row was claimed.
 async fn write_postgres(
     pool: &PgPool,
     batch: &[&NewEvent],
     item_ids: &[&str],
     now_ms: i64,
     cutoffs: (i64, i64),
+    claims: &Claims,
 ) -> std::result::Result<u64, sqlx::Error> {
+    let claim = claims.has_room();
     let untimed: Vec<&NewEvent> = batch
         .iter()
         .copied()
@@ -287,7 +291,11 @@ async fn write_postgres(
     if untimed.is_empty() && item_ids.is_empty() {
         // One statement is its own transaction: no BEGIN and COMMIT round
         // trips.
-        return insert_events(pool, batch, now_ms, cutoffs).await;
+        let (inserted, pending) = insert_events(pool, batch, now_ms, cutoffs, claim).await?;
+        if let Some((id, packed)) = pending {
+            claims.claim(id, &packed);
+        }
+        return Ok(inserted);
     }
     let mut tx: Transaction<'_, Postgres> = pool.begin().await?;
     let mut batch = batch.to_vec();
@@ -313,7 +321,7 @@ async fn write_postgres(
             _ => true,
         });
     }
-    let inserted = insert_events(&mut *tx, &batch, now_ms, cutoffs).await?;
+    let (inserted, pending) = insert_events(&mut *tx, &batch, now_ms, cutoffs, claim).await?;
     if !item_ids.is_empty() {
         sqlx::query(
             "INSERT INTO items (item_id, updated_at) SELECT id, $2 FROM UNNEST($1::text[]) AS id
@@ -325,6 +333,9 @@ async fn write_postgres(
         .await?;
     }
     tx.commit().await?;
+    if let Some((id, packed)) = pending {
+        claims.claim(id, &packed);
+    }
     Ok(inserted)
 }
 
@@ -336,7 +347,12 @@ async fn write_postgres(
 /// here would make every batch wait for the one before it to commit (they
 /// share the current minute's rows), and hundreds of per-item upserts a
 /// batch cost ingest a third of its speed. The clicks' part is only sent for
-/// batches that carry recommendation ids.
+/// batches that carry recommendation ids. When every event sent (`$12`) was
+/// stored, the per-item pending row is instead the batch's counts as recd
+/// packed them (`$13`, `stats::pack_counts`: no grouping or arrays for
+/// PostgreSQL to make), marked claimed, and its id is returned: this
+/// process adds the same counts up in memory (`stats::Claims`) and folds
+/// the row by id, without reading it back.
 macro_rules! insert_events_sql {
     ($clicks:literal) => {
         concat!(
@@ -353,25 +369,34 @@ macro_rules! insert_events_sql {
 ), days AS (
     INSERT INTO item_days_pending (items, days, kinds, ns)
     SELECT array_agg(item_id), array_agg(day_ms), array_agg(kind), array_agg(n)
-    FROM (SELECT item_id, ts - ts % 86400000 AS day_ms, kind, COUNT(*) AS n FROM stored WHERE ts >= $11
+    FROM (SELECT item_id, ts - ts % 86400000 AS day_ms, kind, COUNT(*) AS n FROM stored
+          WHERE ts >= $11 AND (SELECT COUNT(*) FROM stored) <> $12
           GROUP BY 1, 2, 3) AS per_item
     HAVING COUNT(*) > 0
+), packed AS (
+    INSERT INTO item_days_pending (packed, claimed_at)
+    SELECT $13, $9 WHERE $13 IS NOT NULL AND (SELECT COUNT(*) FROM stored) = $12
+    RETURNING id
 )",
             $clicks,
             "
-SELECT COUNT(*) FROM stored"
+SELECT (SELECT COUNT(*) FROM stored), (SELECT id FROM packed)"
         )
     };
 }
 
 /// One with the user, id and timestamp of a stored event is skipped.
-/// Returns how many were stored.
+/// Returns how many were stored, and the id and packed counts of the batch's
+/// pending per-item row when it is claimed (`claim`: whether to ask for
+/// that).
 async fn insert_events<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     batch: &[&NewEvent],
     now_ms: i64,
     (first_minute, first_day): (i64, i64),
-) -> std::result::Result<u64, sqlx::Error> {
+    claim: bool,
+) -> std::result::Result<(u64, Option<(i64, Vec<u8>)>), sqlx::Error> {
+    let packed = if claim { pack_counts(batch, first_day) } else { None };
     const PLAIN: &str = insert_events_sql!("");
     const WITH_CLICKS: &str = insert_events_sql!(
         ", clicks AS (
@@ -388,7 +413,7 @@ async fn insert_events<'e>(
     } else {
         PLAIN
     };
-    let stored: i64 = sqlx::query_scalar(sql)
+    let (stored, pending): (i64, Option<i64>) = sqlx::query_as(sql)
         .bind(batch.iter().map(|e| e.event_id.as_deref()).collect::<Vec<_>>())
         .bind(batch.iter().map(|e| e.user_id.as_str()).collect::<Vec<_>>())
         .bind(batch.iter().map(|e| e.item_id.as_str()).collect::<Vec<_>>())
@@ -400,9 +425,11 @@ async fn insert_events<'e>(
         .bind(now_ms)
         .bind(first_minute)
         .bind(first_day)
+        .bind(if claim { batch.len() as i64 } else { -1 })
+        .bind(packed.as_deref())
         .fetch_one(executor)
         .await?;
-    Ok(u64::try_from(stored).unwrap_or(0))
+    Ok((u64::try_from(stored).unwrap_or(0), pending.zip(packed)))
 }
 
 /// Counts the clicks among events just stored (recommendation id, item id,

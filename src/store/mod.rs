@@ -250,6 +250,9 @@ pub struct Store {
     ids: Ids,
     /// How far back ingest counts events for the dashboard.
     stats_keep: std::sync::Arc<stats::StatsKeep>,
+    /// The per-item counts of batches this process stored whole, until
+    /// the next fold (PostgreSQL).
+    claims: std::sync::Arc<stats::Claims>,
 }
 
 #[derive(Clone, Debug)]
@@ -324,6 +327,7 @@ impl Store {
             db,
             ids: Ids::new(options.id_key.as_ref()),
             stats_keep: std::sync::Arc::default(),
+            claims: std::sync::Arc::default(),
         };
         store.migrate().await?;
         Ok(store)

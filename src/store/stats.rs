@@ -15,11 +15,18 @@ use std::sync::Arc;
 use sqlx::Sqlite;
 
 use super::{Db, Result, Store, ITEM_SEPARATOR};
-use crate::domain::Impression;
+use crate::domain::{Impression, NewEvent};
 
 pub const MINUTE_MS: i64 = 60_000;
 pub const HOUR_MS: i64 = 3_600_000;
 pub const DAY_MS: i64 = 86_400_000;
+
+/// Days per row of `item_blocks`, and the span of one row.
+pub const BLOCK_DAYS: usize = 32;
+pub const BLOCK_MS: i64 = BLOCK_DAYS as i64 * DAY_MS;
+
+/// Pending rows (ingest batches) one fold transaction takes at most.
+const FOLD_ROWS: i64 = 1024;
 
 /// How far back ingest counts events (older minutes and days would only be
 /// deleted by the next pruning): set from the settings when the app opens.
@@ -164,15 +171,24 @@ impl Store {
     }
 
     /// An item's events per day from `from_day_ms` on, as (day, kind code,
-    /// count).
+    /// count), days without events left out.
     pub async fn item_activity(&self, item_id: &str, from_day_ms: i64) -> Result<Vec<(i64, i16, i64)>> {
-        const SELECT: &str = "SELECT day_ms, kind, n FROM item_days WHERE item_id = $1 AND day_ms >= $2";
-        let rows = on_pool!(self, pool => sqlx::query_as::<_, (i64, i16, i64)>(SELECT)
+        const SELECT: &str = "SELECT block_ms, kind, counts FROM item_blocks WHERE item_id = $1 AND block_ms >= $2";
+        let rows = on_pool!(self, pool => sqlx::query_as::<_, (i64, i16, Vec<u8>)>(SELECT)
             .bind(item_id)
-            .bind(from_day_ms)
+            .bind(floor_to(from_day_ms, BLOCK_MS))
             .fetch_all(pool)
             .await?);
-        Ok(rows)
+        let mut days = Vec::new();
+        for (block, kind, counts) in rows {
+            for (d, n) in decode_block(&counts).into_iter().enumerate() {
+                let day = block + d as i64 * DAY_MS;
+                if n != 0 && day >= from_day_ms {
+                    days.push((day, kind, n));
+                }
+            }
+        }
+        Ok(days)
     }
 
     /// Folds the pending per-minute counts and clicks ingest left on
@@ -217,53 +233,34 @@ impl Store {
         Ok(u64::try_from(events + clicks).unwrap_or(0))
     }
 
-    /// Folds the pending per-item counts ingest left into `item_days`,
-    /// deleting them in the same transaction; returns the batches folded.
-    /// On PostgreSQL one replica folds at a time (an advisory lock; the
-    /// others skip the round).
-    pub async fn fold_item_days(&self) -> Result<u64> {
-        match &self.db {
-            Db::Postgres(pool) => {
-                let mut tx = pool.begin().await?;
-                if !fold_lock(&mut tx, FOLD_KEY).await? {
-                    return Ok(0);
-                }
-                let folded: i64 = sqlx::query_scalar(
-                    "WITH moved AS (DELETE FROM item_days_pending RETURNING items, days, kinds, ns),
-                     folded AS (
-                         INSERT INTO item_days (item_id, day_ms, kind, n)
-                         SELECT u.item_id, u.day_ms, u.kind, SUM(u.n)
-                         FROM moved, UNNEST(moved.items, moved.days, moved.kinds, moved.ns) AS u(item_id, day_ms, kind, n)
-                         GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
-                         ON CONFLICT (item_id, day_ms, kind) DO UPDATE SET n = item_days.n + EXCLUDED.n
-                     )
-                     SELECT COUNT(*) FROM moved",
-                )
-                .fetch_one(&mut *tx)
-                .await?;
-                tx.commit().await?;
-                Ok(u64::try_from(folded).unwrap_or(0))
-            }
-            Db::Sqlite(sqlite) => {
-                // The one writer: nothing is added between the two
-                // statements.
-                let mut tx = sqlite.write.begin().await?;
-                sqlx::query(
-                    "INSERT INTO item_days (item_id, day_ms, kind, n)
-                     SELECT json_extract(c.value, '$[0]'), json_extract(c.value, '$[1]'),
-                            json_extract(c.value, '$[2]'), SUM(json_extract(c.value, '$[3]'))
-                     FROM item_days_pending AS p, json_each(p.counts) AS c WHERE true
-                     GROUP BY 1, 2, 3
-                     ON CONFLICT (item_id, day_ms, kind) DO UPDATE SET n = item_days.n + excluded.n",
-                )
-                .execute(&mut *tx)
-                .await?;
-                let folded = sqlx::query("DELETE FROM item_days_pending")
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                tx.commit().await?;
-                Ok(folded)
+    /// Folds the pending per-item counts ingest left into `item_blocks`,
+    /// deleting the pending rows in the transaction that adds their counts.
+    ///
+    /// On PostgreSQL the batches this process stored whole were claimed
+    /// (`Claims`): their counts are already added up in memory, and their
+    /// rows are deleted by id. If any of those rows is gone (folded by
+    /// another replica after `grace`, the time a claimed row is left to its
+    /// replica), nothing of the claim is written and its rows that are left
+    /// are folded as unclaimed ones. Then the rows nobody claims (or
+    /// claimed longer than `grace` ago) are read back and folded,
+    /// `FOLD_ROWS` a transaction (bounded memory whatever has piled up).
+    /// Each (item, block, kind) touched is read and written once a
+    /// transaction. Folds take an advisory lock; for unclaimed rows a
+    /// replica that finds it taken skips the round.
+    pub async fn fold_item_days(&self, grace: std::time::Duration) -> Result<Folded> {
+        let mut folded = Folded::default();
+        if let Db::Postgres(pool) = &self.db {
+            fold_claimed(pool, &self.claims, &mut folded).await?;
+        }
+        let claimed_before = crate::clock::now_ms() - i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        loop {
+            let rows = match &self.db {
+                Db::Postgres(pool) => fold_item_days_postgres(pool, claimed_before).await?,
+                Db::Sqlite(sqlite) => fold_item_days_sqlite(&sqlite.write).await?,
+            };
+            folded.unclaimed += rows;
+            if rows < FOLD_ROWS as u64 {
+                return Ok(folded);
             }
         }
     }
@@ -278,7 +275,7 @@ impl Store {
             ("recommendation_minutes", "minute_ms", minutes_before_ms),
             ("event_hours", "hour_ms", hours_before_ms),
             ("recommendation_hours", "hour_ms", hours_before_ms),
-            ("item_days", "day_ms", days_before_ms),
+            ("item_blocks", "block_ms", floor_to(days_before_ms, BLOCK_MS)),
         ];
         let deleted = on_writer!(self, pool => {
             let mut deleted = Vec::with_capacity(tables.len());
@@ -502,6 +499,315 @@ impl BatchCounts {
     }
 }
 
+/// An (item, block, kind) of `item_blocks`.
+type BlockKey = (String, i64, i16);
+/// A key with its block's daily counts.
+type BlockRow = (BlockKey, [i64; BLOCK_DAYS]);
+/// A row of `item_blocks` as stored.
+type StoredBlock = (String, i64, i16, Vec<u8>);
+/// A pending row on PostgreSQL: items, days, kinds and counts, or the
+/// counts packed (`pack_counts`).
+type PendingRow = (
+    Option<Vec<String>>,
+    Option<Vec<i64>>,
+    Option<Vec<i16>>,
+    Option<Vec<i64>>,
+    Option<Vec<u8>>,
+);
+
+/// A batch's events from `first_day` on counted per (day, item, kind), in
+/// that order, as one value: per count the day (days since the epoch, 4
+/// bytes), the item id's length (2 bytes) and UTF-8, the kind (1 byte) and
+/// the count (4 bytes), integers big-endian. None when nothing counts.
+pub(super) fn pack_counts(batch: &[&NewEvent], first_day: i64) -> Option<Vec<u8>> {
+    let mut counts: BTreeMap<(i64, &str, i16), u32> = BTreeMap::new();
+    for e in batch.iter().filter(|e| e.ts >= first_day) {
+        // The day as the statement's SQL takes it (`ts - ts % 86400000`).
+        let day = (e.ts - e.ts % DAY_MS) / DAY_MS;
+        *counts.entry((day, &e.item_id, e.kind.code())).or_default() += 1;
+    }
+    if counts.is_empty() {
+        return None;
+    }
+    let mut packed = Vec::with_capacity(counts.len() * 24);
+    for ((day, item_id, kind), n) in counts {
+        let (Ok(day), Ok(len), Ok(kind)) = (i32::try_from(day), u16::try_from(item_id.len()), u8::try_from(kind))
+        else {
+            // Out of any range ingest accepts: not claimed, counted by SQL.
+            return None;
+        };
+        packed.extend_from_slice(&day.to_be_bytes());
+        packed.extend_from_slice(&len.to_be_bytes());
+        packed.extend_from_slice(item_id.as_bytes());
+        packed.push(kind);
+        packed.extend_from_slice(&n.to_be_bytes());
+    }
+    Some(packed)
+}
+
+/// Adds the counts `pack_counts` packed to `blocks` (a truncated value
+/// adds what it holds whole).
+fn unpack_counts(mut packed: &[u8], blocks: &mut Blocks) {
+    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = bytes.split_at_checked(n)?;
+        *bytes = rest;
+        Some(head)
+    }
+    let mut next = || -> Option<(String, i64, i16, i64)> {
+        let day = i32::from_be_bytes(take(&mut packed, 4)?.try_into().ok()?);
+        let len = u16::from_be_bytes(take(&mut packed, 2)?.try_into().ok()?);
+        let item_id = std::str::from_utf8(take(&mut packed, usize::from(len))?)
+            .ok()?
+            .to_owned();
+        let kind = take(&mut packed, 1)?[0];
+        let n = u32::from_be_bytes(take(&mut packed, 4)?.try_into().ok()?);
+        Some((item_id, i64::from(day) * DAY_MS, i16::from(kind), i64::from(n)))
+    };
+    while let Some((item_id, day, kind, n)) = next() {
+        blocks.add(item_id, day, kind, n);
+    }
+}
+
+/// Per-item counts being folded: per (item, block, kind), the block's
+/// daily counts.
+#[derive(Debug, Default)]
+struct Blocks(HashMap<BlockKey, [i64; BLOCK_DAYS]>);
+
+impl Blocks {
+    fn add(&mut self, item_id: String, day_ms: i64, kind: i16, n: i64) {
+        let day = floor_to(day_ms, DAY_MS);
+        let block = floor_to(day, BLOCK_MS);
+        let index = usize::try_from((day - block) / DAY_MS).unwrap_or(0);
+        self.0.entry((item_id, block, kind)).or_insert([0; BLOCK_DAYS])[index] += n;
+    }
+
+    /// The keys in the order every fold writes them, with their counts.
+    fn sorted(self) -> Vec<BlockRow> {
+        let mut rows: Vec<_> = self.0.into_iter().collect();
+        rows.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
+        rows
+    }
+}
+
+/// A block's counts as stored: 32 big-endian 8-byte integers.
+fn encode_block(counts: &[i64; BLOCK_DAYS]) -> Vec<u8> {
+    counts.iter().flat_map(|n| n.to_be_bytes()).collect()
+}
+
+/// The counts of a stored block (days missing from a short value count 0).
+fn decode_block(bytes: &[u8]) -> [i64; BLOCK_DAYS] {
+    let mut counts = [0; BLOCK_DAYS];
+    for (n, chunk) in counts.iter_mut().zip(bytes.chunks_exact(8)) {
+        *n = i64::from_be_bytes(chunk.try_into().unwrap_or_default());
+    }
+    counts
+}
+
+/// Adds `stored` (the blocks as they are) into `rows`, by key.
+fn merge_stored(rows: &mut [BlockRow], stored: Vec<StoredBlock>) {
+    for (item_id, block, kind, bytes) in stored {
+        let key = (item_id, block, kind);
+        if let Ok(i) = rows.binary_search_by(|(k, _)| k.cmp(&key)) {
+            for (n, old) in rows[i].1.iter_mut().zip(decode_block(&bytes)) {
+                *n += old;
+            }
+        }
+    }
+}
+
+/// What one fold of the per-item counts did: pending rows folded from
+/// memory (claimed) and read back (unclaimed), and claimed rows whose
+/// counts were dropped from memory (another replica had folded some).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Folded {
+    pub claimed: u64,
+    pub unclaimed: u64,
+    pub dropped: u64,
+}
+
+/// Per (item, block, kind) counts this process holds in memory at most
+/// before it stops claiming batches (until the next fold).
+const CLAIMED_KEYS: usize = 100_000;
+
+/// The per-item counts of the batches this process stored whole since its
+/// last fold, with the ids of their pending rows (PostgreSQL).
+#[derive(Debug, Default)]
+pub(super) struct Claims(std::sync::Mutex<Claimed>);
+
+#[derive(Debug, Default)]
+struct Claimed {
+    ids: Vec<i64>,
+    blocks: Blocks,
+}
+
+impl Claims {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Claimed> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether to claim the next batch (the counts held are bounded).
+    pub(super) fn has_room(&self) -> bool {
+        self.lock().blocks.0.len() < CLAIMED_KEYS
+    }
+
+    /// Adds a committed batch whose pending row `id` was claimed, with the
+    /// counts that row holds (`pack_counts`).
+    pub(super) fn claim(&self, id: i64, packed: &[u8]) {
+        let mut claimed = self.lock();
+        claimed.ids.push(id);
+        unpack_counts(packed, &mut claimed.blocks);
+    }
+
+    fn take(&self) -> Claimed {
+        std::mem::take(&mut *self.lock())
+    }
+}
+
+/// Folds what `claims` holds: deletes its rows by id and writes its counts,
+/// or, if any row is gone, writes nothing (see `Store::fold_item_days`).
+async fn fold_claimed(pool: &sqlx::PgPool, claims: &Claims, folded: &mut Folded) -> Result<()> {
+    let claimed = claims.take();
+    if claimed.ids.is_empty() {
+        return Ok(());
+    }
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(FOLD_KEY)
+        .execute(&mut *tx)
+        .await?;
+    let deleted = sqlx::query("DELETE FROM item_days_pending WHERE id = ANY($1)")
+        .bind(&claimed.ids)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    if deleted != claimed.ids.len() as u64 {
+        tx.rollback().await?;
+        folded.dropped += claimed.ids.len() as u64;
+        return Ok(());
+    }
+    write_blocks_postgres(&mut tx, claimed.blocks.sorted()).await?;
+    tx.commit().await?;
+    folded.claimed += deleted;
+    Ok(())
+}
+
+/// One transaction of `Store::fold_item_days` on PostgreSQL for the rows
+/// nobody claims, or claimed before `claimed_before` (ms).
+async fn fold_item_days_postgres(pool: &sqlx::PgPool, claimed_before: i64) -> Result<u64> {
+    let mut tx = pool.begin().await?;
+    if !fold_lock(&mut tx, FOLD_KEY).await? {
+        return Ok(0);
+    }
+    let pending: Vec<PendingRow> = sqlx::query_as(
+        "DELETE FROM item_days_pending
+         WHERE ctid = ANY(ARRAY(SELECT ctid FROM item_days_pending
+                                WHERE claimed_at IS NULL OR claimed_at < $2 LIMIT $1))
+         RETURNING items, days, kinds, ns, packed",
+    )
+    .bind(FOLD_ROWS)
+    .bind(claimed_before)
+    .fetch_all(&mut *tx)
+    .await?;
+    let folded = pending.len() as u64;
+    let mut blocks = Blocks::default();
+    for (items, days, kinds, ns, packed) in pending {
+        if let Some(packed) = packed {
+            unpack_counts(&packed, &mut blocks);
+        }
+        let arrays = items.into_iter().flatten().zip(days.into_iter().flatten());
+        for ((item_id, day), (kind, n)) in arrays.zip(kinds.into_iter().flatten().zip(ns.into_iter().flatten())) {
+            blocks.add(item_id, day, kind, n);
+        }
+    }
+    write_blocks_postgres(&mut tx, blocks.sorted()).await?;
+    tx.commit().await?;
+    Ok(folded)
+}
+
+/// Adds `rows` to `item_blocks` (PostgreSQL): reads the blocks stored for
+/// their keys, adds, writes them whole; chunks of 10,000 keys.
+async fn write_blocks_postgres(tx: &mut sqlx::Transaction<'_, sqlx::Postgres>, mut rows: Vec<BlockRow>) -> Result<()> {
+    const CHUNK: usize = 10_000;
+    for chunk in rows.chunks_mut(CHUNK) {
+        let items: Vec<String> = chunk.iter().map(|((i, _, _), _)| i.clone()).collect();
+        let blocks: Vec<i64> = chunk.iter().map(|((_, b, _), _)| *b).collect();
+        let kinds: Vec<i16> = chunk.iter().map(|((_, _, k), _)| *k).collect();
+        let stored: Vec<StoredBlock> = sqlx::query_as(
+            "SELECT b.item_id, b.block_ms, b.kind, b.counts
+             FROM UNNEST($1::text[], $2::int8[], $3::int2[]) AS k(item_id, block_ms, kind)
+             JOIN item_blocks AS b USING (item_id, block_ms, kind)",
+        )
+        .bind(&items)
+        .bind(&blocks)
+        .bind(&kinds)
+        .fetch_all(&mut **tx)
+        .await?;
+        merge_stored(chunk, stored);
+        let counts: Vec<Vec<u8>> = chunk.iter().map(|(_, c)| encode_block(c)).collect();
+        sqlx::query(
+            "INSERT INTO item_blocks (item_id, block_ms, kind, counts)
+             SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int2[], $4::bytea[])
+             ON CONFLICT (item_id, block_ms, kind) DO UPDATE SET counts = EXCLUDED.counts",
+        )
+        .bind(&items)
+        .bind(&blocks)
+        .bind(&kinds)
+        .bind(&counts)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+/// One transaction of `Store::fold_item_days` on SQLite (the one writer:
+/// nothing is added meanwhile).
+async fn fold_item_days_sqlite(write: &sqlx::SqlitePool) -> Result<u64> {
+    const CHUNK: usize = 500;
+    let mut tx = write.begin().await?;
+    let pending: Vec<String> = sqlx::query_scalar(
+        "DELETE FROM item_days_pending WHERE rowid IN (SELECT rowid FROM item_days_pending LIMIT $1)
+         RETURNING counts",
+    )
+    .bind(FOLD_ROWS)
+    .fetch_all(&mut *tx)
+    .await?;
+    let folded = pending.len() as u64;
+    let mut blocks = Blocks::default();
+    for counts in pending {
+        let counts: Vec<(String, i64, i16, i64)> = serde_json::from_str(&counts).unwrap_or_default();
+        for (item_id, day, kind, n) in counts {
+            blocks.add(item_id, day, kind, n);
+        }
+    }
+    let mut rows = blocks.sorted();
+    for chunk in rows.chunks_mut(CHUNK) {
+        // A join from the keys, so that each is looked up by the primary
+        // key (`(…) IN (VALUES …)` would scan the table for every chunk).
+        let mut select = sqlx::QueryBuilder::<Sqlite>::new("WITH k (item_id, block_ms, kind) AS (");
+        select.push_values(chunk.iter(), |mut row, ((item_id, block, kind), _)| {
+            row.push_bind(item_id.as_str()).push_bind(*block).push_bind(*kind);
+        });
+        select.push(
+            ") SELECT b.item_id, b.block_ms, b.kind, b.counts FROM k
+             JOIN item_blocks AS b ON b.item_id = k.item_id AND b.block_ms = k.block_ms AND b.kind = k.kind",
+        );
+        let stored: Vec<StoredBlock> = select.build_query_as().fetch_all(&mut *tx).await?;
+        merge_stored(chunk, stored);
+        let mut upsert =
+            sqlx::QueryBuilder::<Sqlite>::new("INSERT INTO item_blocks (item_id, block_ms, kind, counts) ");
+        upsert.push_values(chunk.iter(), |mut row, ((item_id, block, kind), counts)| {
+            row.push_bind(item_id.as_str())
+                .push_bind(*block)
+                .push_bind(*kind)
+                .push_bind(encode_block(counts));
+        });
+        upsert.push(" ON CONFLICT (item_id, block_ms, kind) DO UPDATE SET counts = excluded.counts");
+        upsert.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(folded)
+}
+
 /// Whether an impression's items (as stored) include `item_id`.
 fn shows(items: &str, item_id: &str) -> bool {
     items.split(ITEM_SEPARATOR).any(|i| i == item_id)
@@ -587,6 +893,69 @@ mod tests {
         assert_eq!(Grain::of(3 * h, h), Grain::Hour);
         assert_eq!(Grain::of(3 * h + MINUTE_MS, h), Grain::Minute);
         assert_eq!(Grain::of(3 * h, 15 * MINUTE_MS), Grain::Minute);
+    }
+
+    #[test]
+    fn days_go_to_their_block_and_back() {
+        let mut blocks = Blocks::default();
+        let last_of_first = BLOCK_MS - DAY_MS;
+        blocks.add("a".into(), last_of_first, 0, 2);
+        blocks.add("a".into(), BLOCK_MS, 0, 3);
+        blocks.add("a".into(), last_of_first, 0, 1);
+        blocks.add("a".into(), -DAY_MS, 5, 4);
+        let rows = blocks.sorted();
+        let keys: Vec<_> = rows.iter().map(|((i, b, k), _)| (i.as_str(), *b, *k)).collect();
+        assert_eq!(keys, [("a", -BLOCK_MS, 5), ("a", 0, 0), ("a", BLOCK_MS, 0)]);
+        assert_eq!(rows[0].1[BLOCK_DAYS - 1], 4);
+        assert_eq!(rows[1].1[BLOCK_DAYS - 1], 3);
+        assert_eq!(rows[2].1[0], 3);
+        let mut rows = rows;
+        let stored = vec![
+            ("a".to_owned(), 0, 0, encode_block(&rows[1].1)),
+            ("b".to_owned(), 0, 0, vec![0; 256]),
+        ];
+        merge_stored(&mut rows, stored);
+        assert_eq!(rows[1].1[BLOCK_DAYS - 1], 6, "added to what was stored");
+        assert_eq!(rows[1].1.iter().sum::<i64>(), 6);
+        assert_eq!(decode_block(&encode_block(&rows[1].1)), rows[1].1);
+        assert_eq!(encode_block(&rows[0].1).len(), 256);
+    }
+
+    #[test]
+    fn packed_counts_come_back_as_they_went() {
+        use crate::domain::EventType;
+        let event = |item: &str, kind: EventType, ts: i64| NewEvent {
+            event_id: None,
+            user_id: "u".into(),
+            item_id: item.into(),
+            kind,
+            value: None,
+            ts,
+            timestamped: true,
+            session_id: None,
+            recommendation_id: None,
+        };
+        let day = 20_000 * DAY_MS;
+        let events = [
+            event("é-1", EventType::View, day + 5),
+            event("é-1", EventType::View, day + 7),
+            event("b", EventType::Purchase, day + DAY_MS),
+            event("old", EventType::View, day - 1),
+        ];
+        let batch: Vec<&NewEvent> = events.iter().collect();
+        let packed = pack_counts(&batch, day).unwrap();
+        assert_eq!(packed.len(), 2 * 11 + "é-1".len() + "b".len());
+        let mut blocks = Blocks::default();
+        unpack_counts(&packed, &mut blocks);
+        let mut expected = Blocks::default();
+        expected.add("é-1".into(), day, 0, 2);
+        expected.add("b".into(), day + DAY_MS, 5, 1);
+        assert_eq!(blocks.sorted(), expected.sorted());
+        // A cut value gives what it holds whole; nothing to count, no value.
+        let mut cut = Blocks::default();
+        unpack_counts(&packed[..packed.len() - 3], &mut cut);
+        assert_eq!(cut.0.len(), 1);
+        assert_eq!(pack_counts(&batch[3..], day), None);
     }
 
     #[test]

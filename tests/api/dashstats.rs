@@ -316,7 +316,55 @@ async fn item_activity_per_day(app: TestApp) {
     app.stop().await;
 }
 
+/// A year of an item's history, posted and folded in two rounds: every day
+/// shows its own count, across the 32-day blocks the counts are kept in.
+async fn item_activity_over_a_year(app: TestApp) {
+    let n = now();
+    let today = n - n.rem_euclid(DAY);
+    let views = |round: &str| -> Vec<Value> {
+        (0..365)
+            .map(|d| {
+                event(
+                    &format!("{round}-{d}"),
+                    "u1",
+                    "sku-9",
+                    "view",
+                    today - d * DAY + HOUR.min(n - today),
+                )
+            })
+            .collect()
+    };
+    post_events(&app, views("first")).await;
+    app.app.fold_stats().await.unwrap();
+    // The second round adds to rows the first one wrote, and buys on every
+    // seventh day.
+    let mut second = views("second");
+    second.extend(
+        (0..365)
+            .step_by(7)
+            .map(|d| event(&format!("buy-{d}"), "u2", "sku-9", "purchase", today - d * DAY)),
+    );
+    post_events(&app, second).await;
+    app.app.fold_stats().await.unwrap();
+    let body = get_json(&app, "/v1/items/sku-9/activity?days=365").await;
+    let counts = &body["counts"];
+    let view: Vec<i64> = counts["view"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(view, vec![2; 365], "{body}");
+    let purchase = counts["purchase"].as_array().unwrap();
+    for (i, n) in purchase.iter().enumerate() {
+        let days_ago = 364 - i;
+        assert_eq!(n.as_i64(), Some(i64::from(days_ago % 7 == 0)), "{days_ago} days ago");
+    }
+    app.stop().await;
+}
+
 crate::both_stores!(
+    item_activity_over_a_year,
     events_show_in_buckets_by_kind,
     answers_and_clicks_show_per_version,
     overview_counts_shoppers_and_store,
@@ -364,6 +412,63 @@ async fn two_replicas_are_listed_and_healthy() {
     second.stop().await;
     second_stops_beating(&first, &gone).await;
     first.stop().await;
+}
+
+/// Batches a replica stored whole are claimed: it folds them from memory.
+/// If it stops before it does, another replica folds their rows once the
+/// grace is past, and a late fold of the first writes nothing twice. A
+/// batch with a repeated event is not claimed and is folded from its row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_counts_are_folded_once_whoever_folds_them() {
+    let Some((url, _)) = crate::helpers::fresh_database(crate::helpers::Db::Postgres).await else {
+        return;
+    };
+    let first = crate::helpers::start(crate::helpers::test_settings(&url), None).await;
+    let other = recd::store::Store::open(&url, &recd::store::StoreOptions::default())
+        .await
+        .unwrap();
+    let today = now() - now().rem_euclid(DAY);
+    let at = today + (now() - today) / 2;
+    let views = |from: usize, to: usize| -> Vec<Value> {
+        (from..to)
+            .map(|i| event(&format!("v{i}"), "u1", "sku-1", "view", at))
+            .collect()
+    };
+    let grace = std::time::Duration::from_secs(300);
+
+    // Claimed and folded by the replica that stored them.
+    post_events(&first, views(0, 3)).await;
+    post_events(&first, views(3, 5)).await;
+    let folded = first.app.store.fold_item_days(grace).await.unwrap();
+    assert_eq!((folded.claimed, folded.unclaimed, folded.dropped), (2, 0, 0));
+    assert_eq!(activity(&first).await, 5);
+
+    // Within the grace another replica leaves a claimed row alone.
+    post_events(&first, views(5, 9)).await;
+    let folded = other.fold_item_days(grace).await.unwrap();
+    assert_eq!((folded.claimed, folded.unclaimed), (0, 0));
+    // Past it (the first replica stopped, say), it folds the row.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let folded = other.fold_item_days(std::time::Duration::ZERO).await.unwrap();
+    assert_eq!((folded.claimed, folded.unclaimed), (0, 1));
+    assert_eq!(activity(&first).await, 9);
+    // The first replica's fold finds its row gone and drops the claim.
+    let folded = first.app.store.fold_item_days(grace).await.unwrap();
+    assert_eq!((folded.claimed, folded.unclaimed, folded.dropped), (0, 0, 1));
+    assert_eq!(activity(&first).await, 9);
+
+    // A batch with an event stored before is not claimed.
+    post_events(&first, views(8, 11)).await;
+    let folded = first.app.store.fold_item_days(grace).await.unwrap();
+    assert_eq!((folded.claimed, folded.unclaimed, folded.dropped), (0, 1, 0));
+    assert_eq!(activity(&first).await, 11);
+    first.stop().await;
+}
+
+/// sku-1's views today, as the activity endpoint shows them.
+async fn activity(app: &TestApp) -> i64 {
+    let body = get_json(app, "/v1/items/sku-1/activity?days=2").await;
+    body["counts"]["view"][1].as_i64().unwrap()
 }
 
 async fn second_stops_beating(first: &TestApp, gone: &str) {
