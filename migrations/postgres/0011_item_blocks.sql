@@ -14,16 +14,17 @@ CREATE TABLE item_blocks (
 );
 
 -- Each pending row gets an id. When every event of a batch was stored,
--- its row holds the counts as recd packed them (`packed`: per count the
--- day since the epoch (4 bytes), the item id's length (2) and UTF-8, the
--- kind (1) and the count (4), big-endian) instead of the four arrays, and
--- `claimed_at`, the time it was stored. The replica that stored such a
--- batch adds its counts up in memory and folds the row by id, without
--- reading it back; other replicas fold a claimed row only once it is
--- older than a grace period (its replica may have stopped).
+-- its row holds no counts: only `claimed_at`, the time it was stored, and
+-- the least and greatest `seq` of the batch's events. The replica that
+-- stored such a batch adds its counts up in memory and folds the row by id,
+-- without reading it back; other replicas fold a claimed row only once it
+-- is older than a grace period (its replica may have stopped), and then
+-- count its events again from `events`: those in its range of `seq` that
+-- the same transaction wrote (the same `xmin` as the row).
 ALTER TABLE item_days_pending ADD COLUMN id BIGINT GENERATED ALWAYS AS IDENTITY;
 ALTER TABLE item_days_pending ADD COLUMN claimed_at BIGINT;
-ALTER TABLE item_days_pending ADD COLUMN packed BYTEA;
+ALTER TABLE item_days_pending ADD COLUMN seq_min BIGINT;
+ALTER TABLE item_days_pending ADD COLUMN seq_max BIGINT;
 ALTER TABLE item_days_pending ALTER COLUMN items DROP NOT NULL, ALTER COLUMN days DROP NOT NULL,
     ALTER COLUMN kinds DROP NOT NULL, ALTER COLUMN ns DROP NOT NULL;
 

@@ -273,9 +273,9 @@ async fn train(
 }
 
 /// Points on the map unless `limit` says otherwise.
-const DEFAULT_POINTS: usize = 2000;
+const DEFAULT_POINTS: i64 = 2000;
 /// The most points one answer may ask for.
-const MAX_POINTS: usize = 50_000;
+const MAX_POINTS: i64 = 50_000;
 
 /// The parameters of `GET /v1/model/embeddings`.
 #[derive(Deserialize, IntoParams)]
@@ -355,18 +355,12 @@ async fn embeddings(
     State(state): State<AppState>,
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Embeddings>> {
-    let limit = match params.get("limit") {
-        None => DEFAULT_POINTS,
-        Some(text) => match text.parse::<usize>() {
-            Ok(n) if (1..=MAX_POINTS).contains(&n) => n,
-            _ => {
-                return Err(ApiError::field(
-                    "limit",
-                    format!("must be a whole number from 1 to {MAX_POINTS}"),
-                ))
-            }
-        },
-    };
+    let mut errors = Vec::new();
+    let limit = super::error::page_limit(&params, "limit", DEFAULT_POINTS, MAX_POINTS, &mut errors);
+    if !errors.is_empty() {
+        return Err(ApiError::invalid(errors));
+    }
+    let limit = usize::try_from(limit).unwrap_or(1);
     let model = state.serving.model().filter(|m| m.meta.kind == SnapshotKind::Network);
     let Some(model) = model else {
         return Ok(Json(Embeddings {

@@ -129,23 +129,14 @@ struct ScoredItems {
     items: Vec<ItemScore>,
 }
 
-const MAX_N: usize = 100;
+const MAX_N: i64 = 100;
 const MAX_EXCLUDED_ITEMS: usize = 1000;
 
 type Params = HashMap<String, String>;
 
 /// `n`: 1..=100, default 10.
 fn count(params: &Params, errors: &mut Vec<Invalid>) -> usize {
-    match params.get("n") {
-        None => 10,
-        Some(text) => match text.parse::<usize>() {
-            Ok(n) if (1..=MAX_N).contains(&n) => n,
-            _ => {
-                errors.push(Invalid::new("n", format!("must be a whole number from 1 to {MAX_N}")));
-                10
-            }
-        },
-    }
+    usize::try_from(super::error::page_limit(params, "n", 10, MAX_N, errors)).unwrap_or(10)
 }
 
 fn category(params: &Params, errors: &mut Vec<Invalid>) -> Option<String> {

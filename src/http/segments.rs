@@ -176,15 +176,12 @@ fn parse_cursor(params: &Params) -> Result<String, ApiError> {
 }
 
 fn parse_limit(params: &Params) -> Result<i64, ApiError> {
-    match params.get("limit") {
-        None => Ok(DEFAULT_LIMIT),
-        Some(text) => match text.parse::<i64>() {
-            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
-            _ => Err(ApiError::field(
-                "limit",
-                format!("must be an integer from 1 to {MAX_LIMIT}"),
-            )),
-        },
+    let mut errors = Vec::new();
+    let limit = super::error::page_limit(params, "limit", DEFAULT_LIMIT, MAX_LIMIT, &mut errors);
+    if errors.is_empty() {
+        Ok(limit)
+    } else {
+        Err(ApiError::invalid(errors))
     }
 }
 

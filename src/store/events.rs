@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use sqlx::{PgPool, Postgres, Transaction};
 
-use super::stats::{count_clicks, pack_counts, sqlite_recommendation_upsert, BatchCounts, Claims};
+use super::stats::{count_clicks, sqlite_recommendation_upsert, BatchCounts, Claims};
 use super::{Db, IdKind, Result, Store};
 use crate::domain::NewEvent;
 
@@ -292,8 +292,8 @@ async fn write_postgres(
         // One statement is its own transaction: no BEGIN and COMMIT round
         // trips.
         let (inserted, pending) = insert_events(pool, batch, now_ms, cutoffs, claim).await?;
-        if let Some((id, packed)) = pending {
-            claims.claim(id, &packed);
+        if let Some(id) = pending {
+            claims.claim(id, batch, cutoffs.1);
         }
         return Ok(inserted);
     }
@@ -333,8 +333,8 @@ async fn write_postgres(
         .await?;
     }
     tx.commit().await?;
-    if let Some((id, packed)) = pending {
-        claims.claim(id, &packed);
+    if let Some(id) = pending {
+        claims.claim(id, &batch, cutoffs.1);
     }
     Ok(inserted)
 }
@@ -348,11 +348,12 @@ async fn write_postgres(
 /// share the current minute's rows), and hundreds of per-item upserts a
 /// batch cost ingest a third of its speed. The clicks' part is only sent for
 /// batches that carry recommendation ids. When every event sent (`$12`) was
-/// stored, the per-item pending row is instead the batch's counts as recd
-/// packed them (`$13`, `stats::pack_counts`: no grouping or arrays for
-/// PostgreSQL to make), marked claimed, and its id is returned: this
+/// stored, the per-item pending row holds no counts, only the range of the
+/// batch's `seq` (no grouping or arrays for PostgreSQL to make, nothing
+/// large to write); it is marked claimed and its id is returned: this
 /// process adds the same counts up in memory (`stats::Claims`) and folds
-/// the row by id, without reading it back.
+/// the row by id, without reading it back. Should the process stop first,
+/// another replica counts the row's events again from `events`.
 macro_rules! insert_events_sql {
     ($clicks:literal) => {
         concat!(
@@ -360,7 +361,7 @@ macro_rules! insert_events_sql {
     INSERT INTO events (event_id, user_id, item_id, kind, value, ts, session_id, recommendation_id, received_at)
     SELECT e.*, $9 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int2[], $5::float8[], $6::int8[], $7::text[], $8::text[]) AS e
     ON CONFLICT (user_id, event_id, ts) DO NOTHING
-    RETURNING item_id, kind, ts, recommendation_id
+    RETURNING seq, item_id, kind, ts, recommendation_id
 ), minutes AS (
     INSERT INTO event_minutes_pending (minutes, kinds, ns)
     SELECT array_agg(minute_ms), array_agg(kind), array_agg(n)
@@ -373,30 +374,28 @@ macro_rules! insert_events_sql {
           WHERE ts >= $11 AND (SELECT COUNT(*) FROM stored) <> $12
           GROUP BY 1, 2, 3) AS per_item
     HAVING COUNT(*) > 0
-), packed AS (
-    INSERT INTO item_days_pending (packed, claimed_at)
-    SELECT $13, $9 WHERE $13 IS NOT NULL AND (SELECT COUNT(*) FROM stored) = $12
+), claimed AS (
+    INSERT INTO item_days_pending (claimed_at, seq_min, seq_max)
+    SELECT $9, MIN(seq), MAX(seq) FROM stored HAVING COUNT(*) = $12
     RETURNING id
 )",
             $clicks,
             "
-SELECT (SELECT COUNT(*) FROM stored), (SELECT id FROM packed)"
+SELECT (SELECT COUNT(*) FROM stored), (SELECT id FROM claimed)"
         )
     };
 }
 
 /// One with the user, id and timestamp of a stored event is skipped.
-/// Returns how many were stored, and the id and packed counts of the batch's
-/// pending per-item row when it is claimed (`claim`: whether to ask for
-/// that).
+/// Returns how many were stored, and the id of the batch's pending per-item
+/// row when it is claimed (`claim`: whether to ask for that).
 async fn insert_events<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     batch: &[&NewEvent],
     now_ms: i64,
     (first_minute, first_day): (i64, i64),
     claim: bool,
-) -> std::result::Result<(u64, Option<(i64, Vec<u8>)>), sqlx::Error> {
-    let packed = if claim { pack_counts(batch, first_day) } else { None };
+) -> std::result::Result<(u64, Option<i64>), sqlx::Error> {
     const PLAIN: &str = insert_events_sql!("");
     const WITH_CLICKS: &str = insert_events_sql!(
         ", clicks AS (
@@ -426,10 +425,9 @@ async fn insert_events<'e>(
         .bind(first_minute)
         .bind(first_day)
         .bind(if claim { batch.len() as i64 } else { -1 })
-        .bind(packed.as_deref())
         .fetch_one(executor)
         .await?;
-    Ok((u64::try_from(stored).unwrap_or(0), pending.zip(packed)))
+    Ok((u64::try_from(stored).unwrap_or(0), pending))
 }
 
 /// Counts the clicks among events just stored (recommendation id, item id,

@@ -252,10 +252,12 @@ impl Store {
         if let Db::Postgres(pool) = &self.db {
             fold_claimed(pool, &self.claims, &mut folded).await?;
         }
-        let claimed_before = crate::clock::now_ms() - i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        let now = crate::clock::now_ms();
+        let claimed_before = now - i64::try_from(grace.as_millis()).unwrap_or(i64::MAX);
+        let (_, first_day) = self.stats_keep.cutoffs(now);
         loop {
             let rows = match &self.db {
-                Db::Postgres(pool) => fold_item_days_postgres(pool, claimed_before).await?,
+                Db::Postgres(pool) => fold_item_days_postgres(pool, claimed_before, first_day).await?,
                 Db::Sqlite(sqlite) => fold_item_days_sqlite(&sqlite.write).await?,
             };
             folded.unclaimed += rows;
@@ -505,68 +507,18 @@ type BlockKey = (String, i64, i16);
 type BlockRow = (BlockKey, [i64; BLOCK_DAYS]);
 /// A row of `item_blocks` as stored.
 type StoredBlock = (String, i64, i16, Vec<u8>);
-/// A pending row on PostgreSQL: items, days, kinds and counts, or the
-/// counts packed (`pack_counts`).
+/// A pending row on PostgreSQL: items, days, kinds and counts, or (for a
+/// claimed batch) the range of its events' `seq` and the `xmin` of the
+/// transaction that wrote them.
 type PendingRow = (
     Option<Vec<String>>,
     Option<Vec<i64>>,
     Option<Vec<i16>>,
     Option<Vec<i64>>,
-    Option<Vec<u8>>,
+    Option<i64>,
+    Option<i64>,
+    i64,
 );
-
-/// A batch's events from `first_day` on counted per (day, item, kind), in
-/// that order, as one value: per count the day (days since the epoch, 4
-/// bytes), the item id's length (2 bytes) and UTF-8, the kind (1 byte) and
-/// the count (4 bytes), integers big-endian. None when nothing counts.
-pub(super) fn pack_counts(batch: &[&NewEvent], first_day: i64) -> Option<Vec<u8>> {
-    let mut counts: BTreeMap<(i64, &str, i16), u32> = BTreeMap::new();
-    for e in batch.iter().filter(|e| e.ts >= first_day) {
-        // The day as the statement's SQL takes it (`ts - ts % 86400000`).
-        let day = (e.ts - e.ts % DAY_MS) / DAY_MS;
-        *counts.entry((day, &e.item_id, e.kind.code())).or_default() += 1;
-    }
-    if counts.is_empty() {
-        return None;
-    }
-    let mut packed = Vec::with_capacity(counts.len() * 24);
-    for ((day, item_id, kind), n) in counts {
-        let (Ok(day), Ok(len), Ok(kind)) = (i32::try_from(day), u16::try_from(item_id.len()), u8::try_from(kind))
-        else {
-            // Out of any range ingest accepts: not claimed, counted by SQL.
-            return None;
-        };
-        packed.extend_from_slice(&day.to_be_bytes());
-        packed.extend_from_slice(&len.to_be_bytes());
-        packed.extend_from_slice(item_id.as_bytes());
-        packed.push(kind);
-        packed.extend_from_slice(&n.to_be_bytes());
-    }
-    Some(packed)
-}
-
-/// Adds the counts `pack_counts` packed to `blocks` (a truncated value
-/// adds what it holds whole).
-fn unpack_counts(mut packed: &[u8], blocks: &mut Blocks) {
-    fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-        let (head, rest) = bytes.split_at_checked(n)?;
-        *bytes = rest;
-        Some(head)
-    }
-    let mut next = || -> Option<(String, i64, i16, i64)> {
-        let day = i32::from_be_bytes(take(&mut packed, 4)?.try_into().ok()?);
-        let len = u16::from_be_bytes(take(&mut packed, 2)?.try_into().ok()?);
-        let item_id = std::str::from_utf8(take(&mut packed, usize::from(len))?)
-            .ok()?
-            .to_owned();
-        let kind = take(&mut packed, 1)?[0];
-        let n = u32::from_be_bytes(take(&mut packed, 4)?.try_into().ok()?);
-        Some((item_id, i64::from(day) * DAY_MS, i16::from(kind), i64::from(n)))
-    };
-    while let Some((item_id, day, kind, n)) = next() {
-        blocks.add(item_id, day, kind, n);
-    }
-}
 
 /// Per-item counts being folded: per (item, block, kind), the block's
 /// daily counts.
@@ -650,12 +602,15 @@ impl Claims {
         self.lock().blocks.0.len() < CLAIMED_KEYS
     }
 
-    /// Adds a committed batch whose pending row `id` was claimed, with the
-    /// counts that row holds (`pack_counts`).
-    pub(super) fn claim(&self, id: i64, packed: &[u8]) {
+    /// Adds a committed batch, every event of which was stored, whose
+    /// pending row `id` was claimed: its events from `first_day` on, per
+    /// item, day and kind.
+    pub(super) fn claim(&self, id: i64, batch: &[&NewEvent], first_day: i64) {
         let mut claimed = self.lock();
         claimed.ids.push(id);
-        unpack_counts(packed, &mut claimed.blocks);
+        for e in batch.iter().filter(|e| e.ts >= first_day) {
+            claimed.blocks.add(e.item_id.clone(), e.ts, e.kind.code(), 1);
+        }
     }
 
     fn take(&self) -> Claimed {
@@ -692,8 +647,9 @@ async fn fold_claimed(pool: &sqlx::PgPool, claims: &Claims, folded: &mut Folded)
 }
 
 /// One transaction of `Store::fold_item_days` on PostgreSQL for the rows
-/// nobody claims, or claimed before `claimed_before` (ms).
-async fn fold_item_days_postgres(pool: &sqlx::PgPool, claimed_before: i64) -> Result<u64> {
+/// nobody claims, or claimed before `claimed_before` (ms). A claimed row's
+/// events (from `first_day` on) are counted again from `events`.
+async fn fold_item_days_postgres(pool: &sqlx::PgPool, claimed_before: i64, first_day: i64) -> Result<u64> {
     let mut tx = pool.begin().await?;
     if !fold_lock(&mut tx, FOLD_KEY).await? {
         return Ok(0);
@@ -702,7 +658,7 @@ async fn fold_item_days_postgres(pool: &sqlx::PgPool, claimed_before: i64) -> Re
         "DELETE FROM item_days_pending
          WHERE ctid = ANY(ARRAY(SELECT ctid FROM item_days_pending
                                 WHERE claimed_at IS NULL OR claimed_at < $2 LIMIT $1))
-         RETURNING items, days, kinds, ns, packed",
+         RETURNING items, days, kinds, ns, seq_min, seq_max, xmin::text::int8",
     )
     .bind(FOLD_ROWS)
     .bind(claimed_before)
@@ -710,12 +666,35 @@ async fn fold_item_days_postgres(pool: &sqlx::PgPool, claimed_before: i64) -> Re
     .await?;
     let folded = pending.len() as u64;
     let mut blocks = Blocks::default();
-    for (items, days, kinds, ns, packed) in pending {
-        if let Some(packed) = packed {
-            unpack_counts(&packed, &mut blocks);
+    let mut claimed = (Vec::new(), Vec::new(), Vec::new());
+    for (items, days, kinds, ns, seq_min, seq_max, xmin) in pending {
+        if let (Some(lo), Some(hi)) = (seq_min, seq_max) {
+            claimed.0.push(lo);
+            claimed.1.push(hi);
+            claimed.2.push(xmin);
         }
         let arrays = items.into_iter().flatten().zip(days.into_iter().flatten());
         for ((item_id, day), (kind, n)) in arrays.zip(kinds.into_iter().flatten().zip(ns.into_iter().flatten())) {
+            blocks.add(item_id, day, kind, n);
+        }
+    }
+    if !claimed.0.is_empty() {
+        // The events a batch's transaction wrote in its range of `seq`
+        // (others' may fall in it too: the sequence is shared).
+        let counted: Vec<(String, i64, i16, i64)> = sqlx::query_as(
+            "SELECT e.item_id, e.ts - e.ts % 86400000, e.kind, COUNT(*)
+             FROM UNNEST($1::int8[], $2::int8[], $3::int8[]) AS p(lo, hi, x)
+             CROSS JOIN LATERAL (SELECT item_id, ts, kind FROM events
+                                 WHERE seq BETWEEN p.lo AND p.hi AND xmin::text::int8 = p.x AND ts >= $4) AS e
+             GROUP BY 1, 2, 3",
+        )
+        .bind(&claimed.0)
+        .bind(&claimed.1)
+        .bind(&claimed.2)
+        .bind(first_day)
+        .fetch_all(&mut *tx)
+        .await?;
+        for (item_id, day, kind, n) in counted {
             blocks.add(item_id, day, kind, n);
         }
     }
@@ -922,7 +901,7 @@ mod tests {
     }
 
     #[test]
-    fn packed_counts_come_back_as_they_went() {
+    fn a_claimed_batch_is_counted_per_item_day_and_kind() {
         use crate::domain::EventType;
         let event = |item: &str, kind: EventType, ts: i64| NewEvent {
             event_id: None,
@@ -943,19 +922,16 @@ mod tests {
             event("old", EventType::View, day - 1),
         ];
         let batch: Vec<&NewEvent> = events.iter().collect();
-        let packed = pack_counts(&batch, day).unwrap();
-        assert_eq!(packed.len(), 2 * 11 + "é-1".len() + "b".len());
-        let mut blocks = Blocks::default();
-        unpack_counts(&packed, &mut blocks);
+        let claims = Claims::default();
+        claims.claim(7, &batch, day);
+        claims.claim(9, &batch[3..], day);
+        let claimed = claims.take();
+        assert_eq!(claimed.ids, [7, 9]);
         let mut expected = Blocks::default();
         expected.add("é-1".into(), day, 0, 2);
         expected.add("b".into(), day + DAY_MS, 5, 1);
-        assert_eq!(blocks.sorted(), expected.sorted());
-        // A cut value gives what it holds whole; nothing to count, no value.
-        let mut cut = Blocks::default();
-        unpack_counts(&packed[..packed.len() - 3], &mut cut);
-        assert_eq!(cut.0.len(), 1);
-        assert_eq!(pack_counts(&batch[3..], day), None);
+        assert_eq!(claimed.blocks.sorted(), expected.sorted());
+        assert!(claims.take().ids.is_empty(), "taken once");
     }
 
     #[test]

@@ -447,7 +447,29 @@ async fn claimed_counts_are_folded_once_whoever_folds_them() {
     post_events(&first, views(5, 9)).await;
     let folded = other.fold_item_days(grace).await.unwrap();
     assert_eq!((folded.claimed, folded.unclaimed), (0, 0));
-    // Past it (the first replica stopped, say), it folds the row.
+    // Batches stored at once share the sequence, so another transaction's
+    // event may fall in a claimed row's range of `seq`: one written here
+    // with SQL (counted nowhere) must not be counted with the row.
+    let recd::store::Db::Postgres(pool) = other.db() else {
+        unreachable!()
+    };
+    let (low, high): (i64, i64) =
+        sqlx::query_as("SELECT seq_min, seq_max FROM item_days_pending WHERE claimed_at IS NOT NULL")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(high - low, 3, "the batch of four in one range");
+    sqlx::query(
+        "INSERT INTO events (seq, event_id, user_id, item_id, kind, ts, received_at)
+         VALUES ($1 + 1, 'other', 'u2', 'sku-1', 0, $2, $2)",
+    )
+    .bind(low)
+    .bind(at)
+    .execute(pool)
+    .await
+    .unwrap();
+    // Past the grace (the first replica stopped, say), the other replica
+    // folds the row, counting its events again from `events`.
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let folded = other.fold_item_days(std::time::Duration::ZERO).await.unwrap();
     assert_eq!((folded.claimed, folded.unclaimed), (0, 1));
