@@ -238,3 +238,20 @@ pub(crate) fn page_limit(
             default
         })
 }
+
+/// [`page_limit`] where nothing else is checked: a bad value is the
+/// answer's 422 at once.
+pub(crate) fn single_limit(
+    params: &std::collections::HashMap<String, String>,
+    name: &'static str,
+    default: i64,
+    max: i64,
+) -> Result<i64, ApiError> {
+    let mut errors = Vec::new();
+    let limit = page_limit(params, name, default, max, &mut errors);
+    if errors.is_empty() {
+        Ok(limit)
+    } else {
+        Err(ApiError::invalid(errors))
+    }
+}

@@ -355,11 +355,7 @@ async fn embeddings(
     State(state): State<AppState>,
     Query(params): Query<HashMap<String, String>>,
 ) -> ApiResult<Json<Embeddings>> {
-    let mut errors = Vec::new();
-    let limit = super::error::page_limit(&params, "limit", DEFAULT_POINTS, MAX_POINTS, &mut errors);
-    if !errors.is_empty() {
-        return Err(ApiError::invalid(errors));
-    }
+    let limit = super::error::single_limit(&params, "limit", DEFAULT_POINTS, MAX_POINTS)?;
     let limit = usize::try_from(limit).unwrap_or(1);
     let model = state.serving.model().filter(|m| m.meta.kind == SnapshotKind::Network);
     let Some(model) = model else {

@@ -175,16 +175,6 @@ fn parse_cursor(params: &Params) -> Result<String, ApiError> {
     Ok(key)
 }
 
-fn parse_limit(params: &Params) -> Result<i64, ApiError> {
-    let mut errors = Vec::new();
-    let limit = super::error::page_limit(params, "limit", DEFAULT_LIMIT, MAX_LIMIT, &mut errors);
-    if errors.is_empty() {
-        Ok(limit)
-    } else {
-        Err(ApiError::invalid(errors))
-    }
-}
-
 /// A segment's members, a page at a time.
 ///
 /// In a stable order (by the id as stored); each page's `next_cursor`
@@ -209,7 +199,7 @@ async fn members(
     Query(params): Query<Params>,
 ) -> ApiResult<Json<Members>> {
     let segment = segment_of(&name)?;
-    let limit = parse_limit(&params)?;
+    let limit = super::error::single_limit(&params, "limit", DEFAULT_LIMIT, MAX_LIMIT)?;
     let after = parse_cursor(&params)?;
     // One more than asked says whether a next page exists.
     let mut page = state.store.segment_members(segment.name(), &after, limit + 1).await?;
