@@ -510,15 +510,16 @@ type StoredBlock = (String, i64, i16, Vec<u8>);
 /// A pending row on PostgreSQL: items, days, kinds and counts, or (for a
 /// claimed batch) the range of its events' `seq` and the `xmin` of the
 /// transaction that wrote them.
-type PendingRow = (
-    Option<Vec<String>>,
-    Option<Vec<i64>>,
-    Option<Vec<i16>>,
-    Option<Vec<i64>>,
-    Option<i64>,
-    Option<i64>,
-    i64,
-);
+#[derive(sqlx::FromRow)]
+struct PendingRow {
+    items: Option<Vec<String>>,
+    days: Option<Vec<i64>>,
+    kinds: Option<Vec<i16>>,
+    ns: Option<Vec<i64>>,
+    seq_min: Option<i64>,
+    seq_max: Option<i64>,
+    xmin: i64,
+}
 
 /// Per-item counts being folded: per (item, block, kind), the block's
 /// daily counts.
@@ -658,7 +659,7 @@ async fn fold_item_days_postgres(pool: &sqlx::PgPool, claimed_before: i64, first
         "DELETE FROM item_days_pending
          WHERE ctid = ANY(ARRAY(SELECT ctid FROM item_days_pending
                                 WHERE claimed_at IS NULL OR claimed_at < $2 LIMIT $1))
-         RETURNING items, days, kinds, ns, seq_min, seq_max, xmin::text::int8",
+         RETURNING items, days, kinds, ns, seq_min, seq_max, xmin::text::int8 AS xmin",
     )
     .bind(FOLD_ROWS)
     .bind(claimed_before)
@@ -666,19 +667,21 @@ async fn fold_item_days_postgres(pool: &sqlx::PgPool, claimed_before: i64, first
     .await?;
     let folded = pending.len() as u64;
     let mut blocks = Blocks::default();
-    let mut claimed = (Vec::new(), Vec::new(), Vec::new());
-    for (items, days, kinds, ns, seq_min, seq_max, xmin) in pending {
-        if let (Some(lo), Some(hi)) = (seq_min, seq_max) {
-            claimed.0.push(lo);
-            claimed.1.push(hi);
-            claimed.2.push(xmin);
+    // The claimed rows' ranges of `seq` and transactions.
+    let (mut lows, mut highs, mut xmins) = (Vec::new(), Vec::new(), Vec::new());
+    for row in pending {
+        if let (Some(low), Some(high)) = (row.seq_min, row.seq_max) {
+            lows.push(low);
+            highs.push(high);
+            xmins.push(row.xmin);
         }
-        let arrays = items.into_iter().flatten().zip(days.into_iter().flatten());
-        for ((item_id, day), (kind, n)) in arrays.zip(kinds.into_iter().flatten().zip(ns.into_iter().flatten())) {
+        let (items, days) = (row.items.unwrap_or_default(), row.days.unwrap_or_default());
+        let (kinds, ns) = (row.kinds.unwrap_or_default(), row.ns.unwrap_or_default());
+        for (((item_id, day), kind), n) in items.into_iter().zip(days).zip(kinds).zip(ns) {
             blocks.add(item_id, day, kind, n);
         }
     }
-    if !claimed.0.is_empty() {
+    if !lows.is_empty() {
         // The events a batch's transaction wrote in its range of `seq`
         // (others' may fall in it too: the sequence is shared).
         let counted: Vec<(String, i64, i16, i64)> = sqlx::query_as(
@@ -688,9 +691,9 @@ async fn fold_item_days_postgres(pool: &sqlx::PgPool, claimed_before: i64, first
                                  WHERE seq BETWEEN p.lo AND p.hi AND xmin::text::int8 = p.x AND ts >= $4) AS e
              GROUP BY 1, 2, 3",
         )
-        .bind(&claimed.0)
-        .bind(&claimed.1)
-        .bind(&claimed.2)
+        .bind(&lows)
+        .bind(&highs)
+        .bind(&xmins)
         .bind(first_day)
         .fetch_all(&mut *tx)
         .await?;
