@@ -128,23 +128,18 @@ async fn recd_ingest(url: &str, bodies: Arc<Vec<String>>, connections: usize) ->
     Ok(accepted as f64 / seconds)
 }
 
-/// User and system CPU seconds of the process whose `/proc/<pid>/stat` is
-/// `stat`, with its reaped children's (Linux; 100 ticks a second).
-fn stat_cpu_seconds(stat: &str) -> Option<(String, f64)> {
-    let (head, rest) = stat.rsplit_once(')')?;
-    let comm = head.split_once('(')?.1.to_owned();
-    let fields: Vec<f64> = rest
-        .split_whitespace()
-        .skip(11)
-        .take(4)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    (fields.len() == 4).then(|| (comm, fields.iter().sum::<f64>() / 100.0))
+/// The name and the user and system CPU seconds of `process`, with its
+/// reaped children's (Linux).
+fn process_cpu_seconds(process: &procfs::process::Process) -> Option<(String, f64)> {
+    let stat = process.stat().ok()?;
+    let children = u64::try_from(stat.cutime + stat.cstime).unwrap_or(0);
+    let ticks = stat.utime + stat.stime + children;
+    Some((stat.comm, ticks as f64 / procfs::ticks_per_second() as f64))
 }
 
 /// The CPU this process and the machine's PostgreSQL have used (Linux).
 fn cpu_seconds() -> Option<(f64, f64)> {
-    let own = stat_cpu_seconds(&std::fs::read_to_string("/proc/self/stat").ok()?)?.1;
+    let own = process_cpu_seconds(&procfs::process::Process::myself().ok()?)?.1;
     Some((own, postgres_cpu_seconds()?))
 }
 
@@ -152,16 +147,15 @@ fn cpu_seconds() -> Option<(f64, f64)> {
 /// backends included (the postmaster reaps them): a local PostgreSQL's
 /// work, when it serves nothing else (Linux).
 fn postgres_cpu_seconds() -> Option<f64> {
-    let mut total = 0.0;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let stat = std::fs::read_to_string(entry.path().join("stat")).ok();
-        if let Some((comm, seconds)) = stat.and_then(|s| stat_cpu_seconds(&s)) {
-            if comm == "postgres" {
-                total += seconds;
-            }
-        }
-    }
-    Some(total)
+    let processes = procfs::process::all_processes().ok()?;
+    Some(
+        processes
+            .flatten()
+            .filter_map(|process| process_cpu_seconds(&process))
+            .filter(|(comm, _)| comm == "postgres")
+            .map(|(_, seconds)| seconds)
+            .sum(),
+    )
 }
 
 /// recd's own CPU per event outside the store: parse a body and validate
