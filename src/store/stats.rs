@@ -521,37 +521,97 @@ struct PendingRow {
     xmin: i64,
 }
 
-/// Per-item counts being folded: per (item, block, kind), the block's
-/// daily counts.
+/// Per-item counts being folded: per item, and per (block, kind) of it,
+/// the block's daily counts. Items are the outer key so that counting an
+/// event of an item already held allocates nothing.
 #[derive(Debug, Default)]
-struct Blocks(HashMap<BlockKey, [i64; BLOCK_DAYS]>);
+struct Blocks {
+    items: HashMap<String, HashMap<(i64, i16), [i64; BLOCK_DAYS]>>,
+    keys: usize,
+}
 
 impl Blocks {
-    fn add(&mut self, item_id: String, day_ms: i64, kind: i16, n: i64) {
+    fn add(&mut self, item_id: &str, day_ms: i64, kind: i16, n: i64) {
         let day = floor_to(day_ms, DAY_MS);
         let block = floor_to(day, BLOCK_MS);
         let index = usize::try_from((day - block) / DAY_MS).unwrap_or(0);
-        self.0.entry((item_id, block, kind)).or_insert([0; BLOCK_DAYS])[index] += n;
+        let blocks = match self.items.get_mut(item_id) {
+            Some(blocks) => blocks,
+            None => self.items.entry(item_id.to_owned()).or_default(),
+        };
+        let counts = blocks.entry((block, kind)).or_insert_with(|| {
+            self.keys += 1;
+            [0; BLOCK_DAYS]
+        });
+        counts[index] += n;
+    }
+
+    /// The (item, block, kind) keys held.
+    fn len(&self) -> usize {
+        self.keys
     }
 
     /// The keys in the order every fold writes them, with their counts.
     fn sorted(self) -> Vec<BlockRow> {
-        let mut rows: Vec<_> = self.0.into_iter().collect();
+        let mut rows = Vec::with_capacity(self.keys);
+        for (item_id, blocks) in self.items {
+            rows.extend(
+                blocks
+                    .into_iter()
+                    .map(|((block, kind), counts)| ((item_id.clone(), block, kind), counts)),
+            );
+        }
         rows.sort_unstable_by(|(a, _), (b, _)| a.cmp(b));
         rows
     }
 }
 
-/// A block's counts as stored: 32 big-endian 8-byte integers.
+/// The first byte of a block stored sparse (see `encode_block`).
+const SPARSE: u8 = 1;
+
+/// A block's counts as stored: the byte `SPARSE`, then for each day with
+/// a count, its index (one byte) and its count (LEB128). A block of
+/// history names a day or two, so a row is a few bytes, not 32 counts
+/// (`decode_block` still reads rows written whole, as 32 big-endian 8-byte
+/// integers, whose first byte is 0).
 fn encode_block(counts: &[i64; BLOCK_DAYS]) -> Vec<u8> {
-    counts.iter().flat_map(|n| n.to_be_bytes()).collect()
+    let mut bytes = vec![SPARSE];
+    for (day, &n) in counts.iter().enumerate().filter(|(_, n)| **n != 0) {
+        bytes.push(day as u8);
+        let mut rest = n as u64;
+        while rest >= 0x80 {
+            bytes.push((rest as u8 & 0x7f) | 0x80);
+            rest >>= 7;
+        }
+        bytes.push(rest as u8);
+    }
+    bytes
 }
 
-/// The counts of a stored block (days missing from a short value count 0).
+/// The counts of a stored block, sparse or whole (days missing count 0;
+/// a malformed value counts what could be read of it).
 fn decode_block(bytes: &[u8]) -> [i64; BLOCK_DAYS] {
     let mut counts = [0; BLOCK_DAYS];
-    for (n, chunk) in counts.iter_mut().zip(bytes.chunks_exact(8)) {
-        *n = i64::from_be_bytes(chunk.try_into().unwrap_or_default());
+    let Some((&SPARSE, mut rest)) = bytes.split_first() else {
+        for (n, chunk) in counts.iter_mut().zip(bytes.chunks_exact(8)) {
+            *n = i64::from_be_bytes(chunk.try_into().unwrap_or_default());
+        }
+        return counts;
+    };
+    while let Some((&day, tail)) = rest.split_first() {
+        let (mut n, mut shift) = (0u64, 0);
+        rest = tail;
+        while let Some((&byte, tail)) = rest.split_first() {
+            rest = tail;
+            n |= u64::from(byte & 0x7f).checked_shl(shift).unwrap_or(0);
+            shift += 7;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        if let Some(count) = counts.get_mut(usize::from(day)) {
+            *count += n as i64;
+        }
     }
     counts
 }
@@ -600,7 +660,7 @@ impl Claims {
 
     /// Whether to claim the next batch (the counts held are bounded).
     pub(super) fn has_room(&self) -> bool {
-        self.lock().blocks.0.len() < CLAIMED_KEYS
+        self.lock().blocks.len() < CLAIMED_KEYS
     }
 
     /// Adds a committed batch, every event of which was stored, whose
@@ -610,7 +670,7 @@ impl Claims {
         let mut claimed = self.lock();
         claimed.ids.push(id);
         for e in batch.iter().filter(|e| e.ts >= first_day) {
-            claimed.blocks.add(e.item_id.clone(), e.ts, e.kind.code(), 1);
+            claimed.blocks.add(&e.item_id, e.ts, e.kind.code(), 1);
         }
     }
 
@@ -678,7 +738,7 @@ async fn fold_item_days_postgres(pool: &sqlx::PgPool, claimed_before: i64, first
         let (items, days) = (row.items.unwrap_or_default(), row.days.unwrap_or_default());
         let (kinds, ns) = (row.kinds.unwrap_or_default(), row.ns.unwrap_or_default());
         for (((item_id, day), kind), n) in items.into_iter().zip(days).zip(kinds).zip(ns) {
-            blocks.add(item_id, day, kind, n);
+            blocks.add(&item_id, day, kind, n);
         }
     }
     if !lows.is_empty() {
@@ -698,7 +758,7 @@ async fn fold_item_days_postgres(pool: &sqlx::PgPool, claimed_before: i64, first
         .fetch_all(&mut *tx)
         .await?;
         for (item_id, day, kind, n) in counted {
-            blocks.add(item_id, day, kind, n);
+            blocks.add(&item_id, day, kind, n);
         }
     }
     write_blocks_postgres(&mut tx, blocks.sorted()).await?;
@@ -758,7 +818,7 @@ async fn fold_item_days_sqlite(write: &sqlx::SqlitePool) -> Result<u64> {
     for counts in pending {
         let counts: Vec<(String, i64, i16, i64)> = serde_json::from_str(&counts).unwrap_or_default();
         for (item_id, day, kind, n) in counts {
-            blocks.add(item_id, day, kind, n);
+            blocks.add(&item_id, day, kind, n);
         }
     }
     let mut rows = blocks.sorted();
@@ -881,10 +941,10 @@ mod tests {
     fn days_go_to_their_block_and_back() {
         let mut blocks = Blocks::default();
         let last_of_first = BLOCK_MS - DAY_MS;
-        blocks.add("a".into(), last_of_first, 0, 2);
-        blocks.add("a".into(), BLOCK_MS, 0, 3);
-        blocks.add("a".into(), last_of_first, 0, 1);
-        blocks.add("a".into(), -DAY_MS, 5, 4);
+        blocks.add("a", last_of_first, 0, 2);
+        blocks.add("a", BLOCK_MS, 0, 3);
+        blocks.add("a", last_of_first, 0, 1);
+        blocks.add("a", -DAY_MS, 5, 4);
         let rows = blocks.sorted();
         let keys: Vec<_> = rows.iter().map(|((i, b, k), _)| (i.as_str(), *b, *k)).collect();
         assert_eq!(keys, [("a", -BLOCK_MS, 5), ("a", 0, 0), ("a", BLOCK_MS, 0)]);
@@ -900,7 +960,37 @@ mod tests {
         assert_eq!(rows[1].1[BLOCK_DAYS - 1], 6, "added to what was stored");
         assert_eq!(rows[1].1.iter().sum::<i64>(), 6);
         assert_eq!(decode_block(&encode_block(&rows[1].1)), rows[1].1);
-        assert_eq!(encode_block(&rows[0].1).len(), 256);
+        assert_eq!(
+            encode_block(&rows[0].1),
+            [SPARSE, BLOCK_DAYS as u8 - 1, 4],
+            "only the days counted"
+        );
+        assert_eq!(encode_block(&[0; BLOCK_DAYS]), [SPARSE]);
+    }
+
+    #[test]
+    fn blocks_read_back_as_written_sparse_or_whole() {
+        let mut counts = [0i64; BLOCK_DAYS];
+        counts[0] = 1;
+        counts[7] = 127;
+        counts[8] = 128;
+        counts[30] = 300_000;
+        counts[31] = i64::MAX;
+        let sparse = encode_block(&counts);
+        assert_eq!(&sparse[..5], [SPARSE, 0, 1, 7, 127]);
+        assert_eq!(&sparse[5..8], [8, 0x80, 0x01], "128 takes two bytes");
+        assert_eq!(decode_block(&sparse), counts);
+        // Rows written by earlier versions: 32 big-endian 8-byte counts.
+        let whole: Vec<u8> = counts.iter().flat_map(|n| n.to_be_bytes()).collect();
+        assert_eq!(decode_block(&whole), counts);
+        assert_eq!(decode_block(&[]), [0; BLOCK_DAYS]);
+        let mut cut = sparse.clone();
+        cut.truncate(sparse.len() - 1);
+        assert_eq!(
+            decode_block(&cut)[..31],
+            counts[..31],
+            "a cut value keeps the days before the cut"
+        );
     }
 
     #[test]
@@ -931,8 +1021,8 @@ mod tests {
         let claimed = claims.take();
         assert_eq!(claimed.ids, [7, 9]);
         let mut expected = Blocks::default();
-        expected.add("é-1".into(), day, 0, 2);
-        expected.add("b".into(), day + DAY_MS, 5, 1);
+        expected.add("é-1", day, 0, 2);
+        expected.add("b", day + DAY_MS, 5, 1);
         assert_eq!(claimed.blocks.sorted(), expected.sorted());
         assert!(claims.take().ids.is_empty(), "taken once");
     }
