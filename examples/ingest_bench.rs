@@ -112,9 +112,14 @@ async fn recd_ingest(url: &str, bodies: Arc<Vec<String>>, connections: usize) ->
     // What the background has not yet folded of the dashboard's counts
     // when the posting ends is folded now, and its time counted as ingest's.
     let folding = Instant::now();
-    app.fold_stats().await?;
+    app.fold_minutes().await?;
+    let minutes = folding.elapsed().as_secs_f64();
+    app.fold_item_activity().await?;
     let folded = folding.elapsed().as_secs_f64();
-    println!("  posted in {seconds:.1} s, the counts still pending folded in {folded:.2} s");
+    println!(
+        "  posted in {seconds:.1} s, the counts still pending folded in {folded:.2} s ({minutes:.2} s per minute, {:.2} s per item and day)",
+        folded - minutes
+    );
     if let (Some((own0, pg0)), Some((own, pg))) = (cpu_before, cpu_seconds()) {
         let (own, pg) = (own - own0, pg - pg0);
         println!(
