@@ -83,6 +83,10 @@ enum Command {
         /// a training fits, of the churn formula and of recency alone.
         #[arg(long, value_name = "FILE", conflicts_with_all = ["categories", "replay", "events"])]
         churn: Option<PathBuf>,
+        /// The seed of everything random in the run (initial weights,
+        /// sampling, the test users): `train.seed` for this run only.
+        #[arg(long, value_name = "N")]
+        seed: Option<u64>,
     },
 }
 
@@ -94,7 +98,7 @@ fn main() -> anyhow::Result<()> {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");
     }
-    let settings = Settings::load(cli.config.as_deref())?;
+    let mut settings = Settings::load(cli.config.as_deref())?;
     recd::telemetry::init_logging(settings.log_format);
     // Evaluation is CPU work from a file, with no store and no runtime.
     if let Command::Eval {
@@ -104,8 +108,12 @@ fn main() -> anyhow::Result<()> {
         replay,
         categories,
         churn,
+        seed,
     } = &cli.command
     {
+        if let Some(seed) = seed {
+            settings.train.seed = *seed;
+        }
         if let Some(file) = churn {
             return recd::server::eval_churn(&settings, file, *json);
         }

@@ -317,6 +317,32 @@ fn recd_eval_prints_the_promised_json() {
     assert_eq!(report["data"]["users"], 80);
     assert!(report["epochs"].as_u64().unwrap() <= 2);
 
+    // `--seed N` is `train.seed` for the run: the same figures as the
+    // setting gives, and other seeds give other models.
+    let model_of = |out: std::process::Output| {
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (report["model"].to_string(), report["epochs"].clone())
+    };
+    let seeded: Vec<_> = ["1", "2", "3"]
+        .iter()
+        .map(|seed| model_of(run(&["--json", "--seed", seed])))
+        .collect();
+    let by_setting = std::process::Command::new(env!("CARGO_BIN_EXE_recd"))
+        .args(["eval", "--json", "--events"])
+        .arg(&path)
+        .env("RECD_TRAIN__MAX_EPOCHS", "2")
+        .env("RECD_TRAIN__DIM", "8")
+        .env("RECD_TRAIN__HIDDEN", "8")
+        .env("RECD_TRAIN__SEED", "2")
+        .output()
+        .unwrap();
+    assert_eq!(model_of(by_setting), seeded[1]);
+    assert!(
+        seeded[0] != seeded[1] || seeded[1] != seeded[2],
+        "three seeds gave the same model: {seeded:?}"
+    );
+
     let table = run(&[]);
     assert!(table.status.success());
     assert!(String::from_utf8_lossy(&table.stdout).contains("item-kNN"));
